@@ -1,0 +1,164 @@
+"""Process-group setup for every launcher: torchrun, deepspeed, srun, or one plain process.
+
+torchrun and the deepspeed launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT. srun only sets SLURM_* variables, and `deepspeed.init_distributed()` does not read
+them (it would fall back to mpi4py discovery), so they are mapped to torch's names here first.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "torchrun" | "slurm" | "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list ('node[01-04]' -> 'node01') via `scontrol show hostnames`."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    # No scontrol (or it failed): a plain list 'a,b' or a single name still works.
+    if "[" not in nodelist:
+        return nodelist.split(",")[0]
+    raise RuntimeError(f"cannot expand SLURM node list {nodelist!r}: `scontrol show hostnames` failed")
+
+
+def slurm_port(job_id: str) -> int:
+    """A port derived from the job id, so every task of a job agrees without talking."""
+    return 20000 + int(job_id) % 20000
+
+
+def map_launcher_env(env: dict | None = None) -> dict[str, str]:
+    """Returns the torch rendezvous variables for this process (does not modify `env`).
+
+    Priority: variables set by torchrun / deepspeed; else SLURM's (srun task per rank);
+    else a single process on localhost with a free port.
+    """
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        out = {k: env[k] for k in ("RANK", "WORLD_SIZE") }
+        out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
+        out["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
+        out["MASTER_PORT"] = env.get("MASTER_PORT", "29500")
+        out["_LAUNCHER"] = "torchrun"
+        return out
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job = env.get("SLURM_JOB_ID", "0")
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
+        return {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(slurm_port(job)),
+            "_LAUNCHER": "slurm",
+        }
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(free_port()), "_LAUNCHER": "single"}
+
+
+def setup_env() -> DistInfo:
+    """Exports the mapped variables into os.environ and returns this process's position."""
+    mapped = map_launcher_env()
+    launcher = mapped.pop("_LAUNCHER")
+    os.environ.update(mapped)
+    return DistInfo(int(mapped["RANK"]), int(mapped["WORLD_SIZE"]), int(mapped["LOCAL_RANK"]), launcher)
+
+
+def init_process_group(info: DistInfo, use_deepspeed: bool = True, timeout_s: float = 1800) -> None:
+    """Initialises torch.distributed (through DeepSpeed when it is used: it picks gloo on CPU)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_init_required=True, timeout=datetime.timedelta(seconds=timeout_s))
+    elif info.world_size > 1:
+        import torch
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+
+
+# ----------------------------------------------------------------------------- small collectives
+def is_dist() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if is_dist():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sums a few floats over all ranks (fp64 so byte counts stay exact)."""
+    if not is_dist():
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    if not is_dist():
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_gather_object(obj) -> list:
+    if not is_dist():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_dist():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,336 @@
+"""Typed experiment configuration: dataclasses read from YAML, overridable with dotted ``key=value``.
+
+One `ExperimentConfig` says everything a training run needs: the model (inline or a public
+JSON), the data, the optimizer, the learning-rate schedule, the DeepSpeed file, checkpoints,
+evaluation and tracking. An unknown key or a value of the wrong type stops with a
+`ConfigError` that names the dotted key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An experiment configuration is invalid; the message names the offending key."""
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class ModelSection:
+    """The H-Net architecture: `config_path` (a public JSON) and/or inline fields that override it."""
+
+    config_path: str = ""
+    arch_layout: list | None = None
+    d_model: list[int] | None = None
+    d_intermediate: list[int] | None = None
+    vocab_size: int | None = None
+    ssm_cfg: dict | None = None
+    attn_cfg: dict | None = None
+    tie_embeddings: bool | None = None
+    ratio_targets: list[float] | None = None  # compression target N^s per routing level, outer first
+    ratio_alpha: float = 0.03  # weight of the ratio loss (eq. 10)
+
+
+@dataclass
+class DataSection:
+    train_index: list[str] = field(default_factory=list)  # index.json files of training shards
+    eval_index: list[str] = field(default_factory=list)  # held-out shards ([] = no evaluation)
+    micro_batch_bytes: int = 8192  # row budget of one micro-batch
+    step_bytes: int = 65536  # real bytes per optimizer step, all ranks together
+    num_workers: int = 0
+    seed: int = 0
+    on_error: str = "skip"  # "skip" | "fail": what a corrupt document does
+    round_to: int = 1
+    cost_balance: bool = True  # balance micro-batches by modelled FLOPs instead of bytes
+    eval_step_bytes: int = 0  # 0 = same as step_bytes
+
+
+@dataclass
+class OptimSection:
+    lr: float = 6.25e-4  # peak learning rate before per-stage multipliers
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+
+
+@dataclass
+class ScheduleSection:
+    name: str = "wsd"  # "wsd" | "cosine"
+    warmup_frac: float = 0.1  # fraction of the steps spent in linear warmup
+    decay_frac: float = 0.2  # WSD: fraction of the steps spent decaying at the end
+    decay_shape: str = "inv_sqrt"  # WSD decay: "inv_sqrt" | "linear"
+    min_lr_ratio: float = 0.0  # final lr as a fraction of the peak
+    lr_multipliers: list[float] | None = None  # per stage, outer first; None = eq. 11
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    engine: str = "deepspeed"  # "deepspeed" | "plain" (one process, no DeepSpeed: baselines)
+    ds_config: str = "ds_configs/zero3.json"
+    ds_overrides: dict = field(default_factory=dict)  # merged into the DeepSpeed file (not trainer keys)
+    precision: str = "fp32"  # "fp32" | "bf16"
+    seed: int = 0
+    activation_checkpointing: bool = False
+    max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
+    log_every: int = 10  # console line and tracking flush cadence (steps)
+    eval_every: int = 0  # 0 = only at the end (when eval_index is set)
+    eval_max_steps: int = 0  # 0 = the whole held-out set
+    deterministic: bool = False  # torch.use_deterministic_algorithms (exact-resume tests)
+    peak_tflops: float = 0.0  # per device, for perf/mfu; 0 = look up by GPU name
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 500  # steps between checkpoints (0 = only at the end / on signal)
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every M-th step forever (0 = off)
+    dir: str = ""  # "" = <run_dir>/checkpoints
+    requeue: bool = True  # on preemption under SLURM, `scontrol requeue` the job
+    auto_reshard: bool = True  # convert to a universal checkpoint when the DP size changed
+
+
+@dataclass
+class TrackingSection:
+    enabled: bool = True
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory
+    experiment: str = "hnet-pretrain"
+    run_name: str = ""
+    flush_every: int = 50  # steps between log_batch calls (also flushed before checkpoints)
+
+
+@dataclass
+class DebugSection:
+    """Fault injection for the tests of the guards; all off by default."""
+
+    nan_at_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps
+    hang_at_step: int = 0  # sleep forever after this step (and its checkpoint): SIGKILL tests
+    crash_in_save_at_step: int = 0  # one rank dies in the middle of saving this step
+    crash_rank: int = 1
+    log_keys: bool = False  # write each step's document keys to train_log.jsonl
+
+
+@dataclass
+class ExperimentConfig:
+    run_dir: str = "runs/default"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    debug: DebugSection = field(default_factory=DebugSection)
+
+    # ------------------------------------------------------------------ resolution
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def model_dict(self) -> dict:
+        """The H-Net config as the model's `HNetConfig.from_dict` takes it (public fields + ratio fields)."""
+        m = self.model
+        base: dict[str, Any] = {}
+        if m.config_path:
+            path = Path(m.config_path)
+            if not path.is_file():
+                raise ConfigError(f"model.config_path: no such file {m.config_path!r}")
+            base = json.loads(path.read_text())
+        for name in ("arch_layout", "d_model", "d_intermediate", "vocab_size", "ssm_cfg", "attn_cfg",
+                     "tie_embeddings", "ratio_targets"):
+            value = getattr(m, name)
+            if value is None:
+                continue
+            if isinstance(value, dict) and isinstance(base.get(name), dict):
+                merged = dict(base[name])
+                merged.update(value)
+                value = merged
+            base[name] = copy.deepcopy(value)
+        base["ratio_alpha"] = m.ratio_alpha
+        if "arch_layout" not in base:
+            raise ConfigError("model: give model.config_path (a public JSON) or inline model.arch_layout etc.")
+        return base
+
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+
+    def validate(self) -> None:
+        """Checks that need no file system beyond the config itself; names the key that is wrong."""
+        _one_of("schedule.name", self.schedule.name, ("wsd", "cosine"))
+        _one_of("schedule.decay_shape", self.schedule.decay_shape, ("inv_sqrt", "linear"))
+        _one_of("train.precision", self.train.precision, ("fp32", "bf16"))
+        _one_of("train.engine", self.train.engine, ("deepspeed", "plain"))
+        _one_of("data.on_error", self.data.on_error, ("skip", "fail"))
+        if self.train.steps <= 0:
+            raise ConfigError(f"train.steps must be > 0, got {self.train.steps}")
+        if not 0 <= self.schedule.warmup_frac <= 1 or not 0 <= self.schedule.decay_frac <= 1:
+            raise ConfigError("schedule.warmup_frac and schedule.decay_frac must lie in [0, 1]")
+        if self.schedule.warmup_frac + self.schedule.decay_frac > 1:
+            raise ConfigError("schedule.warmup_frac + schedule.decay_frac must be <= 1")
+        if len(self.optim.betas) != 2:
+            raise ConfigError(f"optim.betas must have 2 values, got {self.optim.betas}")
+        if self.data.micro_batch_bytes <= 1 or self.data.step_bytes <= 0:
+            raise ConfigError("data.micro_batch_bytes and data.step_bytes must be positive")
+        if not self.data.train_index:
+            raise ConfigError("data.train_index is empty: give at least one index.json written by "
+                              "`python -m data_pipeline.shard`")
+        for key in ("train_index", "eval_index"):
+            for path in getattr(self.data, key):
+                if not Path(path).is_file():
+                    raise ConfigError(f"data.{key}: no such shard index {path!r}")
+        if self.checkpoint.keep_last < 1:
+            raise ConfigError("checkpoint.keep_last must be >= 1")
+
+    def hash(self) -> str:
+        """Stable hash of the resolved config (the model part decides checkpoint compatibility)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+
+
+# ----------------------------------------------------------------------------- building
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Returns `value` converted to `tp` where that is lossless (int -> float), else raises naming `key`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r} (known under {prefix or 'top level'}: "
+                              f"{sorted(names)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{dotted}.")
+        else:
+            kwargs[key] = _check_type(dotted, value, tp)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """'train.steps=30' -> ('train.steps', 30); the value is read as YAML (numbers, lists, bools)."""
+    if "=" not in arg:
+        raise ConfigError(f"override {arg!r}: expected dotted.key=value")
+    key, raw = arg.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key!r}: cannot parse value {raw!r}: {e}") from None
+    return key.strip(), value
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, validate: bool = True) -> ExperimentConfig:
+    """Reads a YAML file (or starts from defaults) and applies dotted overrides.
+
+    Section-level keys of a dataclass section are checked; free-form mappings (`ds_overrides`,
+    inline `ssm_cfg` / `attn_cfg`) are merged key by key.
+    """
+    tree: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: no such file {path!r}")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for arg in overrides or []:
+        key, value = parse_override(arg)
+        _set_dotted(tree, key, value)
+    cfg = _build(ExperimentConfig, tree)
+    if validate:
+        cfg.validate()
+    return cfg
+
+
+def config_from_dict(tree: dict) -> ExperimentConfig:
+    return _build(ExperimentConfig, tree)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values (MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,87 @@
+"""Causal multi-head attention over packed documents, with partial rotary embeddings."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import kernels
+from .sequence import PackedSeqs
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, base: float = 10000.0):
+    """cos, sin of shape (T, rotary_dim) for the half-split (non-interleaved) rotary form."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float32) / rotary_dim))
+    angles = position_ids.float().unsqueeze(-1) * inv_freq  # (T, r/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of every head. x: (T, H, Dh); cos, sin: (T, r)."""
+    r = cos.shape[-1]
+    if r == 0:
+        return x
+    xr, rest = x[..., :r].float(), x[..., r:]
+    x1, x2 = xr.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return torch.cat([(xr * c + rotated * s).to(x.dtype), rest], dim=-1)
+
+
+def packed_causal_mask(seqs: PackedSeqs, window: int) -> torch.Tensor:
+    """(T, T) bool, True where query i may attend key j: same document, j <= i, and i - j <= window
+    when window >= 0 (a query sees keys i-window .. i, as flash-attn's window_size=(window, -1))."""
+    seq = seqs.seq_idx[0]
+    pos = seqs.position_ids
+    allowed = (seq.unsqueeze(1) == seq.unsqueeze(0)) & (pos.unsqueeze(1) >= pos.unsqueeze(0))
+    if window >= 0:
+        allowed &= (pos.unsqueeze(1) - pos.unsqueeze(0)) <= window
+    return allowed
+
+
+class CausalMHA(nn.Module):
+    """Wqkv (rows: q, k, v blocks) -> rotary on the first `rotary_emb_dim` dims of q and k
+    (positions restart per document) -> causal, optionally windowed attention -> out_proj."""
+
+    def __init__(self, d_model: int, num_heads: int, rotary_emb_dim: int = 0, window_size: int = -1,
+                 rotary_base: float = 10000.0, device=None, dtype=None):
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.num_heads = d_model, num_heads
+        self.head_dim = d_model // num_heads
+        self.rotary_emb_dim, self.window_size, self.rotary_base = rotary_emb_dim, window_size, rotary_base
+        self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=False, **fk)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False, **fk)
+
+    def forward(self, x: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
+        """x: (1, T, d_model) -> (1, T, d_model)."""
+        T = x.shape[1]
+        qkv = self.Wqkv(x[0]).view(T, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(1)
+        if self.rotary_emb_dim > 0:
+            cos, sin = rotary_cos_sin(seqs.position_ids, self.rotary_emb_dim, self.rotary_base)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        flash = kernels.flash_varlen_attention(x)
+        if flash is not None:
+            out = flash(torch.stack([q, k, v], dim=1), seqs.cu_seqlens, seqs.max_seqlen, causal=True,
+                        window_size=(self.window_size, -1))
+        else:
+            mask = packed_causal_mask(seqs, self.window_size)
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                 attn_mask=mask).transpose(0, 1)
+        return self.out_proj(out.reshape(1, T, self.d_model))
+
+
+class SwiGLU(nn.Module):
+    """fc1 -> [y | gate]; fc2(silu(gate) * y). Hidden width rounded up to a multiple of 128."""
+
+    def __init__(self, d_model: int, d_intermediate: int, multiple_of: int = 128, device=None, dtype=None):
+        super().__init__()
+        hidden = (d_intermediate + multiple_of - 1) // multiple_of * multiple_of
+        self.fc1 = nn.Linear(d_model, 2 * hidden, bias=False, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, d_model, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(gate) * y)

@@ -1,0 +1,103 @@
+"""Dynamic chunking (paper section 2.2): routing, chunk, dechunk, confidence STE, ratio loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .sequence import PackedSeqs
+from .ssd import ema_scan
+
+
+@dataclass
+class RoutingOutput:
+    """Routing decisions for the positions of one stage (packed row of T positions).
+
+    boundary_prob:  (T,) p_t in [0, 1]; 1 at every document start.
+    boundary_mask:  (T,) bool b_t = p_t > 0.5.
+    selected_probs: (T,) confidence c_t = p_t if b_t else 1 - p_t.
+    """
+
+    boundary_prob: torch.Tensor
+    boundary_mask: torch.Tensor
+    selected_probs: torch.Tensor
+
+
+class RoutingModule(nn.Module):
+    """p_t = (1 - cos(W_q x_{t-1}, W_k x_t)) / 2, with W_q, W_k initialised to the identity.
+
+    The public code applies q to the previous position and k to the current one (the paper
+    writes it the other way round); we keep the public convention so public weights load.
+    """
+
+    def __init__(self, d_model: int, device=None, dtype=None):
+        super().__init__()
+        self.q_proj_layer = nn.Linear(d_model, d_model, bias=False, device=device, dtype=dtype)
+        self.k_proj_layer = nn.Linear(d_model, d_model, bias=False, device=device, dtype=dtype)
+        if self.q_proj_layer.weight.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.q_proj_layer.weight.copy_(torch.eye(self.q_proj_layer.weight.shape[0]))
+        self.k_proj_layer.weight.copy_(torch.eye(self.k_proj_layer.weight.shape[0]))
+
+    def forward(self, hidden: torch.Tensor, seqs: PackedSeqs) -> RoutingOutput:
+        """hidden: (1, T, D)."""
+        h = hidden[0]
+        q = F.normalize(self.q_proj_layer(h[:-1]), dim=-1)
+        k = F.normalize(self.k_proj_layer(h[1:]), dim=-1)
+        cos = (q.float() * k.float()).sum(-1)
+        p = torch.clamp((1 - cos) / 2, min=0.0, max=1.0)
+        p = F.pad(p, (1, 0), value=1.0)
+        # Every document starts a chunk: its first position gets p = 1 (no gradient through it).
+        is_start = torch.zeros_like(p, dtype=torch.bool)
+        is_start[seqs.cu_seqlens[:-1].long()] = True
+        p = torch.where(is_start, torch.ones_like(p), p)
+        mask = p > 0.5
+        selected = torch.where(mask, p, 1 - p)
+        return RoutingOutput(boundary_prob=p, boundary_mask=mask, selected_probs=selected)
+
+
+def chunk(hidden: torch.Tensor, routing: RoutingOutput, seqs: PackedSeqs) -> tuple[torch.Tensor, PackedSeqs]:
+    """Keep the boundary positions. (1, T, D) -> (1, M, D) and the next level's documents:
+    its cu_seqlens is the cumulative boundary count at each document end."""
+    mask = routing.boundary_mask
+    counts = torch.cumsum(mask.to(torch.int64), 0)
+    next_cu = F.pad(counts[seqs.cu_seqlens[1:].long() - 1], (1, 0)).to(torch.int32)
+    return hidden[:, mask], PackedSeqs.from_cu_seqlens(next_cu)
+
+
+def dechunk(chunked: torch.Tensor, routing: RoutingOutput, inner_seqs: PackedSeqs) -> torch.Tensor:
+    """Smooth the chunk sequence with an EMA weighted by the boundary probabilities (eq. 5),
+    resetting at document starts, then upsample: each position takes the value of the most
+    recent chunk. (1, M, D) -> (1, T, D), fp32."""
+    mask = routing.boundary_mask
+    p = routing.boundary_prob.float().clamp(min=1e-4, max=1 - 1e-4)[mask].unsqueeze(0)  # (1, M)
+    smoothed = ema_scan(chunked.float(), p, inner_seqs.seq_idx)
+    plug_back = torch.cumsum(mask.to(torch.int64), 0) - 1
+    return smoothed[:, plug_back]
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.ones_like(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output
+
+
+def ste(x: torch.Tensor) -> torch.Tensor:
+    """Straight-through estimator of the confidence: 1 in the forward pass, identity gradient."""
+    return _StraightThrough.apply(x)
+
+
+def ratio_loss(F_: torch.Tensor, G: torch.Tensor, target: float) -> torch.Tensor:
+    """Eq. 10: N/(N-1) * ((N-1) F G + (1-F)(1-G)), F = fraction of boundaries, G = mean boundary
+    probability. Its minimum 1 is at F = G = 1/N."""
+    N = float(target)
+    return N / (N - 1) * ((N - 1) * F_ * G + (1 - F_) * (1 - G))

@@ -1,0 +1,114 @@
+"""FLOP estimates per byte and per document, for MFU and for the data pipeline's load balancing.
+
+Counts multiply-adds as 2 FLOPs; training = 3 x forward (backward costs twice the forward).
+A level s sees one position per prod_{i<s} N^i bytes, where N^i is the compression ratio of
+routing level i (measured during training, or the targets before any is measured).
+"""
+from __future__ import annotations
+
+import math
+
+from .config import HNetConfig, parse_layout
+
+TRAIN_FACTOR = 3.0
+
+
+def attention_pairs(m: float, window: int | None) -> float:
+    """(query, key) pairs of causal attention over m positions; with a window w a query sees
+    at most w + 1 keys (itself and the w before it)."""
+    if m <= 0:
+        return 0.0
+    if window is None or window < 0 or m <= window + 1:
+        return m * (m + 1) / 2
+    w1 = window + 1
+    return w1 * (w1 + 1) / 2 + (m - w1) * w1
+
+
+def _layers_of_level(config: HNetConfig, s: int) -> list[str]:
+    layout = config.stage_layout(s)
+    strings = [layout[0]] if len(layout) == 1 else [layout[0], layout[2]]
+    return [letter for string in strings for letter, count in parse_layout(string) for _ in range(count)]
+
+
+def _linear_flops_per_position(config: HNetConfig, s: int) -> tuple[float, int]:
+    """Forward FLOPs per position at level s that do not depend on the document length, and the
+    number of attention layers at that level."""
+    D = config.d_model[s]
+    ssm = config.ssm_cfg
+    hidden = (config.d_intermediate[s] + 127) // 128 * 128
+    total, n_attn = 0.0, 0
+    for letter in _layers_of_level(config, s):
+        if letter in "mM":
+            di = ssm.expand * D
+            nh = di // ssm.headdim
+            gn = ssm.ngroups * ssm.d_state
+            total += 2 * D * (2 * di + 2 * gn + nh) + 2 * di * D  # in_proj, out_proj
+            total += 2 * (di + 2 * gn) * ssm.d_conv  # depthwise conv
+            Q = ssm.chunk_size
+            total += 2 * Q * (gn + di) + 4 * di * ssm.d_state  # SSD: in-chunk products, chunk states
+        else:
+            total += 2 * 4 * D * D  # Wqkv, out_proj
+            n_attn += 1
+        if letter in "MT":
+            total += 2 * 3 * D * hidden  # fc1 (2 x hidden), fc2
+    if s < config.num_stages:
+        total += 2 * 3 * D * D  # routing q, k and residual_proj
+    return total, n_attn
+
+
+def document_cost_terms(config: HNetConfig, ratios: list[float] | None = None):
+    """Training FLOPs of a document of n bytes, as
+    linear_per_byte * n + sum(coef * attention_pairs(n / bytes_per_position, window)).
+
+    Returns (linear_per_byte, [(coef, bytes_per_position, window or None), ...])."""
+    ratios = list(config.ratio_targets if ratios is None else ratios)
+    linear = 2 * config.vocab_size * config.d_model[0]  # lm_head
+    terms = []
+    bytes_per_position = 1.0
+    for s in range(config.num_stages + 1):
+        per_pos, n_attn = _linear_flops_per_position(config, s)
+        linear += per_pos / bytes_per_position
+        if n_attn:
+            w = config.attn_cfg.window_size[s]
+            terms.append((TRAIN_FACTOR * 4 * config.d_model[s] * n_attn, bytes_per_position, w if w >= 0 else None))
+        if s < config.num_stages:
+            bytes_per_position *= ratios[s]
+    return TRAIN_FACTOR * linear, terms
+
+
+def document_flops(config: HNetConfig, n_bytes: float, ratios: list[float] | None = None) -> float:
+    linear, terms = document_cost_terms(config, ratios)
+    return linear * n_bytes + sum(c * attention_pairs(n_bytes / bpp, w) for c, bpp, w in terms)
+
+
+def flops_per_byte(config: HNetConfig, ratios: list[float] | None = None, doc_bytes: int = 8192) -> float:
+    """Training FLOPs per byte for documents of `doc_bytes` bytes (the paper's sequence length)."""
+    return document_flops(config, doc_bytes, ratios) / doc_bytes
+
+
+def num_parameters(config: HNetConfig) -> int:
+    """Parameter count from the config alone (what a built model holds)."""
+    ssm = config.ssm_cfg
+    total = config.vocab_size * config.d_model[0] * (1 if config.tie_embeddings else 2)
+    for s in range(config.num_stages + 1):
+        D = config.d_model[s]
+        hidden = (config.d_intermediate[s] + 127) // 128 * 128
+        n_networks = 1 if s == config.num_stages else 2
+        for letter in _layers_of_level(config, s):
+            total += D  # norm1
+            if letter in "mM":
+                di = ssm.expand * D
+                nh = di // ssm.headdim
+                conv = di + 2 * ssm.ngroups * ssm.d_state
+                total += D * (2 * di + 2 * ssm.ngroups * ssm.d_state + nh) + conv * ssm.d_conv + conv
+                total += 3 * nh + di + di * D
+            else:
+                total += 4 * D * D
+            if letter in "MT":
+                total += D + 3 * D * hidden
+        total += n_networks * D  # final rmsnorm of each network
+        if s < config.num_stages:
+            total += 2 * D * D + D * D + D  # routing q, k; residual_proj weight + bias
+        if s > 0:
+            total += D - config.d_model[s - 1]  # pad_dimension
+    return total

@@ -1,0 +1,55 @@
+"""The one place where fused CUDA kernels are chosen over the pure-PyTorch path.
+
+A fused kernel is used only when the tensor is on a CUDA device and the package imports.
+Nothing here imports mamba_ssm, causal_conv1d or flash_attn at module import time: mamba_ssm
+cannot even be imported without its compiled CUDA extension. Set HNET_DISABLE_FUSED=1 to force
+the pure-PyTorch path everywhere (used to compare the two paths on a GPU).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str):
+    try:
+        return importlib.import_module(name)
+    except Exception:  # ImportError, or an OSError/RuntimeError from a missing CUDA extension
+        return None
+
+
+def _fused_allowed(t: torch.Tensor) -> bool:
+    return t.is_cuda and os.environ.get("HNET_DISABLE_FUSED", "0") != "1"
+
+
+def mamba_chunk_scan(t: torch.Tensor):
+    """mamba_ssm's fused chunked SSD scan, or None where it cannot be used for `t`."""
+    if not _fused_allowed(t):
+        return None
+    mod = _module("mamba_ssm.ops.triton.ssd_combined")
+    return getattr(mod, "mamba_chunk_scan_combined", None) if mod else None
+
+
+def causal_conv1d(t: torch.Tensor):
+    """causal_conv1d's fused depthwise causal conv (with seq_idx), or None."""
+    if not _fused_allowed(t):
+        return None
+    mod = _module("causal_conv1d")
+    return getattr(mod, "causal_conv1d_fn", None) if mod else None
+
+
+def flash_varlen_attention(t: torch.Tensor):
+    """flash-attn's varlen packed-QKV attention, or None (it needs fp16/bf16 CUDA tensors)."""
+    if not _fused_allowed(t) or t.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    mod = _module("flash_attn")
+    return getattr(mod, "flash_attn_varlen_qkvpacked_func", None) if mod else None
+
+
+def available() -> dict[str, bool]:
+    """Which fused packages import on this machine (for logs and the GPU check script)."""
+    return {name: _module(name) is not None for name in ("mamba_ssm", "causal_conv1d", "flash_attn")}

@@ -1,0 +1,133 @@
+"""Mamba-2's state-space duality (SSD) scan in pure PyTorch, chunked, with document resets.
+
+Recurrence (per head h, state of shape (headdim, d_state)):
+    state_t = exp(dt_t * A) * state_{t-1} + dt_t * x_t B_t^T
+    y_t     = state_t C_t
+and state_{t-1} is taken as zero where a new document starts (seq_idx changes).
+
+The chunked form computes the quadratic "attention-like" product inside each chunk of
+`chunk_size` positions and carries one state per chunk across chunks, which is what makes it
+fast: O(L * chunk_size) work with large matmuls instead of L sequential steps.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             chunk_size: int, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Chunked SSD scan.
+
+    x: (b, l, h, p); dt: (b, l, h) positive step sizes (softplus already applied);
+    A: (h,) negative decay rates; B, C: (b, l, g, n) with h % g == 0;
+    seq_idx: (b, l) int, non-decreasing document index (None = one document per row).
+    Returns y: (b, l, h, p) in x's dtype (computed in fp32).
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    out_dtype = x.dtype
+    x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
+    if seq_idx is None:
+        seq_idx = torch.zeros(b, l, dtype=torch.int32, device=x.device)
+    Q = chunk_size
+    pad = (-l) % Q
+    if pad:
+        # dt = 0 on padding: no decay and no input, so states pass through unchanged.
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, 0, 0, pad))
+        seq_idx = F.pad(seq_idx, (0, pad), value=0)
+        seq_idx[:, l:] = seq_idx[:, l - 1:l]
+    L = l + pad
+    nc = L // Q
+    rep = h // g
+    Bh = B.repeat_interleave(rep, dim=2) if rep > 1 else B  # (b, L, h, n)
+    Ch = C.repeat_interleave(rep, dim=2) if rep > 1 else C
+
+    x = x.view(b, nc, Q, h, p)
+    dt = dt.view(b, nc, Q, h)
+    Bh = Bh.view(b, nc, Q, h, n)
+    Ch = Ch.view(b, nc, Q, h, n)
+    seq = seq_idx.view(b, nc, Q)
+
+    dA_cum = torch.cumsum(dt * A, dim=2)  # (b, nc, Q, h), non-increasing along Q
+
+    # 1) Inside each chunk: y_i += sum_{j <= i, same doc} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j
+    same = seq.unsqueeze(-1) == seq.unsqueeze(-2)  # (b, nc, Qi, Qj)
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    keep = (same & causal).unsqueeze(-1)  # (b, nc, Qi, Qj, 1)
+    seg = dA_cum.unsqueeze(3) - dA_cum.unsqueeze(2)  # (b, nc, Qi, Qj, h): cum_i - cum_j
+    decay = torch.exp(seg.masked_fill(~keep, float("-inf")))
+    scores = torch.einsum("bcihn,bcjhn->bcijh", Ch, Bh) * decay
+    y = torch.einsum("bcijh,bcjhp->bcihp", scores, x * dt.unsqueeze(-1))
+
+    # 2) State at each chunk end from the chunk's own inputs (those in the chunk's last document).
+    last_seq = seq[:, :, -1]  # (b, nc)
+    in_last_doc = (seq == last_seq.unsqueeze(-1)).unsqueeze(-1)  # (b, nc, Q, 1)
+    to_end = torch.exp(dA_cum[:, :, -1:, :] - dA_cum) * in_last_doc  # (b, nc, Q, h)
+    chunk_states = torch.einsum("bcjhn,bcjhp->bchpn", Bh, x * (dt * to_end).unsqueeze(-1))
+
+    # 3) Carry states across chunks; a chunk whose last document started inside it drops the carry.
+    carry_ok = torch.ones_like(last_seq, dtype=torch.bool)
+    carry_ok[:, 1:] = last_seq[:, 1:] == last_seq[:, :-1]
+    chunk_decay = torch.exp(dA_cum[:, :, -1, :]) * carry_ok.unsqueeze(-1)  # (b, nc, h)
+    state = x.new_zeros(b, h, p, n)
+    prev_states = []
+    for c in range(nc):
+        prev_states.append(state)
+        state = state * chunk_decay[:, c, :, None, None] + chunk_states[:, c]
+    prev = torch.stack(prev_states, dim=1)  # (b, nc, h, p, n): state entering each chunk
+
+    # 4) Contribution of the entering state, for positions still in the document it belongs to.
+    prev_last = torch.cat([last_seq.new_full((b, 1), -1), last_seq[:, :-1]], dim=1)  # (b, nc)
+    from_prev = (seq == prev_last.unsqueeze(-1)).unsqueeze(-1)  # (b, nc, Q, 1)
+    y = y + torch.einsum("bcihn,bchpn->bcihp", Ch, prev) * (torch.exp(dA_cum) * from_prev).unsqueeze(-1)
+    return y.reshape(b, L, h, p)[:, :l].to(out_dtype)
+
+
+def ssd_reference(x, dt, A, B, C, seq_idx=None):
+    """The same recurrence, one step at a time (slow; for tests and benchmarks)."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    rep = h // g
+    x, dt, A, B, C = x.double(), dt.double(), A.double(), B.double(), C.double()
+    Bh = B.repeat_interleave(rep, dim=2)
+    Ch = C.repeat_interleave(rep, dim=2)
+    state = x.new_zeros(b, h, p, n)
+    ys = []
+    for t in range(l):
+        if seq_idx is not None and t > 0:
+            reset = (seq_idx[:, t] != seq_idx[:, t - 1]).to(x.dtype)
+            state = state * (1 - reset)[:, None, None, None]
+        dA = torch.exp(dt[:, t] * A)  # (b, h)
+        state = state * dA[:, :, None, None] + torch.einsum("bhp,bhn->bhpn", x[:, t] * dt[:, t, :, None], Bh[:, t])
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
+    return torch.stack(ys, dim=1)
+
+
+def ema_scan(h: torch.Tensor, p: torch.Tensor, seq_idx: torch.Tensor | None, chunk_size: int = 256) -> torch.Tensor:
+    """Exponential moving average zbar_t = p_t h_t + (1 - p_t) zbar_{t-1}, reset at document starts.
+
+    h: (b, l, d); p: (b, l) in (0, 1). Written as an SSD scan with one head, d_state 1, A = -1 and
+    dt = -log(1 - p), so the decay is exactly 1 - p and the input weight p.
+    """
+    dt = -torch.log1p(-p.float())  # (b, l)
+    x = (h.float() * (p.float() / dt).unsqueeze(-1)).unsqueeze(2)  # (b, l, 1, d)
+    ones = torch.ones(*p.shape, 1, 1, device=h.device, dtype=torch.float32)
+    A = -torch.ones(1, device=h.device, dtype=torch.float32)
+    y = ssd_scan(x, dt.unsqueeze(-1), A, ones, ones, chunk_size, seq_idx)
+    return y.squeeze(2)
+
+
+def ema_reference(h, p, seq_idx=None):
+    b, l, d = h.shape
+    out, z = [], h.new_zeros(b, d, dtype=torch.float64)
+    for t in range(l):
+        pt = p[:, t].double().unsqueeze(-1)
+        if seq_idx is not None and t > 0:
+            z = z * (seq_idx[:, t] == seq_idx[:, t - 1]).double().unsqueeze(-1)
+        z = pt * h[:, t].double() + (1 - pt) * z
+        out.append(z)
+    return torch.stack(out, 1)
