@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dtypes import upcast
 from . import kernels
 from .sequence import PackedSeqs
 
@@ -22,7 +23,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     r = cos.shape[-1]
     if r == 0:
         return x
-    xr, rest = x[..., :r].float(), x[..., r:]
+    xr, rest = upcast(x[..., :r]), x[..., r:]
     x1, x2 = xr.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)

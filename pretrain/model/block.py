@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from .dtypes import upcast
 from .attention import CausalMHA, SwiGLU
 from .config import HNetConfig, parse_layout
 from .mamba2 import Mamba2
@@ -41,10 +42,10 @@ class Block(nn.Module):
         return 2 if self.mlp is not None else 1
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, seqs: PackedSeqs):
-        residual = hidden.float() if residual is None else residual + hidden.float()
+        residual = upcast(hidden) if residual is None else residual + upcast(hidden)
         hidden = self.mixer(self.norm1(residual).to(hidden.dtype), seqs)
         if self.mlp is not None:
-            residual = residual + hidden.float()
+            residual = residual + upcast(hidden)
             hidden = self.mlp(self.norm2(residual).to(hidden.dtype))
         return hidden, residual
 
@@ -73,5 +74,5 @@ class Isotropic(nn.Module):
                 hidden, residual = checkpoint(layer, hidden, residual, seqs, use_reentrant=False)
             else:
                 hidden, residual = layer(hidden, residual, seqs)
-        final = hidden.float() if residual is None else residual + hidden.float()
+        final = upcast(hidden) if residual is None else residual + upcast(hidden)
         return self.rmsnorm(final).to(hidden.dtype)

@@ -165,9 +165,12 @@ class HNetConfig:
         return asdict(self)
 
     def public_dict(self) -> dict[str, Any]:
-        """The fields of the public JSON format (what the public inference code reads)."""
+        """The fields of the public JSON format (what the public inference code reads). The public
+        code fixes headdim = 64 and ngroups = 1; other values are kept so the file stays faithful."""
         d = self.to_dict()
-        d["ssm_cfg"] = {k: d["ssm_cfg"][k] for k in ("chunk_size", "d_conv", "d_state", "expand")}
+        ssm = d["ssm_cfg"]
+        d["ssm_cfg"] = {k: ssm[k] for k in ("chunk_size", "d_conv", "d_state", "expand")}
+        d["ssm_cfg"].update({k: ssm[k] for k, public in (("headdim", 64), ("ngroups", 1)) if ssm[k] != public})
         for k in ("ratio_targets", "ratio_alpha"):
             d.pop(k)
         return d

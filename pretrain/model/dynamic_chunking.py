@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dtypes import upcast
 from .sequence import PackedSeqs
 from .ssd import ema_scan
 
@@ -49,7 +50,7 @@ class RoutingModule(nn.Module):
         h = hidden[0]
         q = F.normalize(self.q_proj_layer(h[:-1]), dim=-1)
         k = F.normalize(self.k_proj_layer(h[1:]), dim=-1)
-        cos = (q.float() * k.float()).sum(-1)
+        cos = (upcast(q) * upcast(k)).sum(-1)
         p = torch.clamp((1 - cos) / 2, min=0.0, max=1.0)
         p = F.pad(p, (1, 0), value=1.0)
         # Every document starts a chunk: its first position gets p = 1 (no gradient through it).
@@ -75,8 +76,9 @@ def dechunk(chunked: torch.Tensor, routing: RoutingOutput, inner_seqs: PackedSeq
     resetting at document starts, then upsample: each position takes the value of the most
     recent chunk. (1, M, D) -> (1, T, D), fp32."""
     mask = routing.boundary_mask
-    p = routing.boundary_prob.float().clamp(min=1e-4, max=1 - 1e-4)[mask].unsqueeze(0)  # (1, M)
-    smoothed = ema_scan(chunked.float(), p, inner_seqs.seq_idx)
+    ct = torch.promote_types(chunked.dtype, torch.float32)
+    p = routing.boundary_prob.to(ct).clamp(min=1e-4, max=1 - 1e-4)[mask].unsqueeze(0)  # (1, M)
+    smoothed = ema_scan(chunked.to(ct), p, inner_seqs.seq_idx)
     plug_back = torch.cumsum(mask.to(torch.int64), 0) - 1
     return smoothed[:, plug_back]
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # label of positions without a target (same value as data_pipeline.batch)
 
+from .dtypes import upcast
 from .block import Isotropic
 from .config import HNetConfig
 from .dynamic_chunking import RoutingModule, RoutingOutput, chunk, dechunk, ratio_loss, ste
@@ -49,7 +50,7 @@ class HNet(nn.Module):
             return self.main_network(hidden, seqs)[..., :d_in], []
 
         hidden = self.encoder(hidden, seqs)
-        residual = self.residual_proj(hidden.float())
+        residual = self.residual_proj(hidden.to(self.residual_proj.weight.dtype))
         routing = self.routing_module(hidden, seqs)
         inner, inner_seqs = chunk(hidden, routing, seqs)
         inner, inner_routing = self.main_network(inner, inner_seqs)
@@ -186,7 +187,7 @@ class HNetForCausalLM(nn.Module):
     @staticmethod
     def _stage_stats(r: RoutingOutput, target: float) -> StageStats:
         F_ = r.boundary_mask.float().mean()
-        G = r.boundary_prob.float().mean()
+        G = upcast(r.boundary_prob).mean()
         n_chunks = r.boundary_mask.sum().clamp(min=1)
         ratio = (r.boundary_mask.numel() / n_chunks.float()).detach()
         return StageStats(boundary_mask=r.boundary_mask, boundary_prob=r.boundary_prob, F=F_, G=G,

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dtypes import upcast
 from . import kernels
 from .norm import GatedRMSNorm
 from .sequence import PackedSeqs
@@ -93,14 +94,14 @@ class Mamba2(nn.Module):
         x = x.reshape(b, l, self.nheads, self.headdim)
         B = B.reshape(b, l, self.ngroups, self.d_state)
         C = C.reshape(b, l, self.ngroups, self.d_state)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(upcast(self.A_log))
 
         fused_scan = kernels.mamba_chunk_scan(u)
         if fused_scan is not None:
             y = fused_scan(x, dt, A, B, C, chunk_size=self.chunk_size, D=self.D, z=None,
                            dt_bias=self.dt_bias, dt_softplus=True, seq_idx=seq_idx)
         else:
-            dt = F.softplus(dt.float() + self.dt_bias.float())
+            dt = F.softplus(upcast(dt) + upcast(self.dt_bias))
             y = ssd_scan(x, dt, A, B, C, self.chunk_size, seq_idx)
             y = y + x * self.D.to(y.dtype).unsqueeze(-1)
         y = self.norm(y.reshape(b, l, self.d_inner), z)

@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dtypes import upcast
+
 
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):
@@ -13,9 +15,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = upcast(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(xf.dtype)).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -31,8 +33,8 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        g = (y.float() * F.silu(z.float()))
+        g = upcast(y) * F.silu(upcast(z))
         shape = g.shape
         g = g.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (g.reshape(shape) * self.weight.float()).to(y.dtype)
+        return (g.reshape(shape) * self.weight.to(g.dtype)).to(y.dtype)

@@ -27,7 +27,8 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     out_dtype = x.dtype
-    x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
+    ct = torch.promote_types(x.dtype, torch.float32)  # fp32 at least (float64 in gradient checks)
+    x, dt, A, B, C = x.to(ct), dt.to(ct), A.to(ct), B.to(ct), C.to(ct)
     if seq_idx is None:
         seq_idx = torch.zeros(b, l, dtype=torch.int32, device=x.device)
     Q = chunk_size
@@ -113,10 +114,12 @@ def ema_scan(h: torch.Tensor, p: torch.Tensor, seq_idx: torch.Tensor | None, chu
     h: (b, l, d); p: (b, l) in (0, 1). Written as an SSD scan with one head, d_state 1, A = -1 and
     dt = -log(1 - p), so the decay is exactly 1 - p and the input weight p.
     """
-    dt = -torch.log1p(-p.float())  # (b, l)
-    x = (h.float() * (p.float() / dt).unsqueeze(-1)).unsqueeze(2)  # (b, l, 1, d)
-    ones = torch.ones(*p.shape, 1, 1, device=h.device, dtype=torch.float32)
-    A = -torch.ones(1, device=h.device, dtype=torch.float32)
+    ct = torch.promote_types(h.dtype, torch.float32)
+    p = p.to(ct)
+    dt = -torch.log1p(-p)  # (b, l)
+    x = (h.to(ct) * (p / dt).unsqueeze(-1)).unsqueeze(2)  # (b, l, 1, d)
+    ones = torch.ones(*p.shape, 1, 1, device=h.device, dtype=ct)
+    A = -torch.ones(1, device=h.device, dtype=ct)
     y = ssd_scan(x, dt.unsqueeze(-1), A, ones, ones, chunk_size, seq_idx)
     return y.squeeze(2)
 

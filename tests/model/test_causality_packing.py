@@ -1,0 +1,63 @@
+"""Causality through routing and chunking, and exact document isolation in packed rows."""
+import pytest
+import torch
+
+from tests.model.conftest import tiny_model
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_future_bytes_never_change_past_logits(stages):
+    model = tiny_model(stages, dtype=torch.float64)
+    torch.manual_seed(1)
+    L = 80
+    ids = torch.randint(0, 256, (1, L))
+    with torch.no_grad():
+        base = model(ids).logits
+        boundaries = model(ids).stages[0].boundary_mask
+    assert 0 < int(boundaries.sum()) < L, "routing should make some but not all positions boundaries"
+    for t in (0, 5, 17, 40, 63, 78):
+        changed = ids.clone()
+        changed[0, t + 1:] = torch.randint(0, 256, (L - t - 1,))
+        with torch.no_grad():
+            logits = model(changed).logits
+        assert torch.equal(logits[0, :t + 1], base[0, :t + 1]), f"logits at or before {t} changed"
+        if t + 1 < L:
+            assert not torch.allclose(logits[0, t + 1:], base[0, t + 1:])
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_packed_documents_equal_documents_alone(stages):
+    model = tiny_model(stages)
+    torch.manual_seed(2)
+    lengths = [37, 1, 64, 5, 90, 23]  # crosses SSD chunk boundaries, includes a 1-byte document
+    docs = [torch.randint(0, 256, (1, n)) for n in lengths]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(torch.cat(docs, dim=1), cu_seqlens=cu)
+        for i, doc in enumerate(docs):
+            alone = model(doc)
+            got = packed.logits[0, cu[i]:cu[i + 1]]
+            assert torch.allclose(got, alone.logits[0], atol=1e-5, rtol=0), \
+                f"document {i}: max diff {(got - alone.logits[0]).abs().max():.2e}"
+            # the routing decisions of the document are the same too
+            assert torch.equal(packed.stages[0].boundary_mask[cu[i]:cu[i + 1]], alone.stages[0].boundary_mask)
+
+
+def test_batch_rows_are_independent_documents():
+    """(B, L) without cu_seqlens runs every row as its own document."""
+    model = tiny_model(1)
+    ids = torch.randint(0, 256, (3, 40))
+    with torch.no_grad():
+        batched = model(ids).logits
+        for b in range(3):
+            assert torch.allclose(batched[b], model(ids[b:b + 1]).logits[0], atol=1e-5, rtol=0)
+
+
+def test_document_start_is_always_a_boundary():
+    model = tiny_model(2)
+    ids = torch.randint(0, 256, (1, 60))
+    cu = torch.tensor([0, 10, 11, 35, 60], dtype=torch.int32)
+    with torch.no_grad():
+        out = model(ids, cu_seqlens=cu)
+    p = out.stages[0].boundary_prob
+    assert torch.all(p[cu[:-1].long()] == 1) and torch.all(out.stages[0].boundary_mask[cu[:-1].long()])
