@@ -102,7 +102,7 @@ class Mamba2(nn.Module):
                            dt_bias=self.dt_bias, dt_softplus=True, seq_idx=seq_idx)
         else:
             dt = F.softplus(upcast(dt) + upcast(self.dt_bias))
-            y = ssd_scan(x, dt, A, B, C, self.chunk_size, seq_idx)
+            y = ssd_scan(x, dt, A, B, C, kernels.pure_ssd_chunk_size(u, self.chunk_size), seq_idx)
             y = y + x * self.D.to(y.dtype).unsqueeze(-1)
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y)

@@ -22,13 +22,12 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     x: (b, l, h, p); dt: (b, l, h) positive step sizes (softplus already applied);
     A: (h,) negative decay rates; B, C: (b, l, g, n) with h % g == 0;
     seq_idx: (b, l) int, non-decreasing document index (None = one document per row).
-    Returns y: (b, l, h, p) in x's dtype (computed in fp32).
+    Returns y: (b, l, h, p) in x's dtype (computed in fp32 or better).
     """
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     out_dtype = x.dtype
     ct = torch.promote_types(x.dtype, torch.float32)  # fp32 at least (float64 in gradient checks)
-    x, dt, A, B, C = x.to(ct), dt.to(ct), A.to(ct), B.to(ct), C.to(ct)
     if seq_idx is None:
         seq_idx = torch.zeros(b, l, dtype=torch.int32, device=x.device)
     Q = chunk_size
@@ -39,61 +38,59 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         dt = F.pad(dt, (0, 0, 0, pad))
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
-        seq_idx = F.pad(seq_idx, (0, pad), value=0)
-        seq_idx[:, l:] = seq_idx[:, l - 1:l]
-    L = l + pad
-    nc = L // Q
-    rep = h // g
-    Bh = B.repeat_interleave(rep, dim=2) if rep > 1 else B  # (b, L, h, n)
-    Ch = C.repeat_interleave(rep, dim=2) if rep > 1 else C
+        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
+    nc = (l + pad) // Q
+    r = h // g  # heads per group
+    # Heads (and groups) first, then chunks: every product below is a contiguous batched matmul.
+    xh = x.to(ct).view(b, nc, Q, h, p).permute(0, 3, 1, 2, 4)  # (b, h, c, Q, p)
+    dth = dt.to(ct).view(b, nc, Q, h).permute(0, 3, 1, 2)  # (b, h, c, Q)
+    Bg = B.to(ct).view(b, nc, Q, g, n).permute(0, 3, 1, 2, 4)  # (b, g, c, Q, n)
+    Cg = C.to(ct).view(b, nc, Q, g, n).permute(0, 3, 1, 2, 4)
+    seq = seq_idx.view(b, 1, nc, Q)
 
-    x = x.view(b, nc, Q, h, p)
-    dt = dt.view(b, nc, Q, h)
-    Bh = Bh.view(b, nc, Q, h, n)
-    Ch = Ch.view(b, nc, Q, h, n)
-    seq = seq_idx.view(b, nc, Q)
+    dA_cum = torch.cumsum(dth * A.to(ct).view(1, h, 1, 1), dim=-1)  # (b, h, c, Q), non-increasing
 
-    dA_cum = torch.cumsum(dt * A, dim=2)  # (b, nc, Q, h), non-increasing along Q
-
-    # 1) Inside each chunk: y_i += sum_{j <= i, same doc} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j
-    same = seq.unsqueeze(-1) == seq.unsqueeze(-2)  # (b, nc, Qi, Qj)
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    keep = (same & causal).unsqueeze(-1)  # (b, nc, Qi, Qj, 1)
-    seg = dA_cum.unsqueeze(3) - dA_cum.unsqueeze(2)  # (b, nc, Qi, Qj, h): cum_i - cum_j
+    # 1) Inside each chunk: y_i = sum_{j <= i, same doc} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j
+    keep = (seq.unsqueeze(-1) == seq.unsqueeze(-2)) & torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    seg = dA_cum.unsqueeze(-1) - dA_cum.unsqueeze(-2)  # (b, h, c, Qi, Qj)
     decay = torch.exp(seg.masked_fill(~keep, float("-inf")))
-    scores = torch.einsum("bcihn,bcjhn->bcijh", Ch, Bh) * decay
-    y = torch.einsum("bcijh,bcjhp->bcihp", scores, x * dt.unsqueeze(-1))
+    CB = Cg @ Bg.transpose(-1, -2)  # (b, g, c, Qi, Qj): once per group, shared by its heads
+    scores = (decay.view(b, g, r, nc, Q, Q) * CB.unsqueeze(2)).view(b, h, nc, Q, Q)
+    xdt = xh * dth.unsqueeze(-1)
+    y = scores @ xdt  # (b, h, c, Q, p)
 
     # 2) State at each chunk end from the chunk's own inputs (those in the chunk's last document).
-    last_seq = seq[:, :, -1]  # (b, nc)
-    in_last_doc = (seq == last_seq.unsqueeze(-1)).unsqueeze(-1)  # (b, nc, Q, 1)
-    to_end = torch.exp(dA_cum[:, :, -1:, :] - dA_cum) * in_last_doc  # (b, nc, Q, h)
-    chunk_states = torch.einsum("bcjhn,bcjhp->bchpn", Bh, x * (dt * to_end).unsqueeze(-1))
+    last_seq = seq[..., -1]  # (b, 1, c)
+    to_end = torch.exp(dA_cum[..., -1:] - dA_cum) * (seq == last_seq.unsqueeze(-1))  # (b, h, c, Q)
+    Bh = Bg.unsqueeze(2).expand(b, g, r, nc, Q, n).reshape(b, h, nc, Q, n)
+    chunk_states = (Bh * to_end.unsqueeze(-1)).transpose(-1, -2) @ xdt  # (b, h, c, n, p)
 
     # 3) Carry states across chunks; a chunk whose last document started inside it drops the carry.
     carry_ok = torch.ones_like(last_seq, dtype=torch.bool)
-    carry_ok[:, 1:] = last_seq[:, 1:] == last_seq[:, :-1]
-    chunk_decay = torch.exp(dA_cum[:, :, -1, :]) * carry_ok.unsqueeze(-1)  # (b, nc, h)
-    state = x.new_zeros(b, h, p, n)
-    prev_states = []
+    carry_ok[..., 1:] = last_seq[..., 1:] == last_seq[..., :-1]
+    chunk_decay = torch.exp(dA_cum[..., -1]) * carry_ok  # (b, h, c)
+    state = xh.new_zeros(b, h, n, p)
+    entering = []
     for c in range(nc):
-        prev_states.append(state)
-        state = state * chunk_decay[:, c, :, None, None] + chunk_states[:, c]
-    prev = torch.stack(prev_states, dim=1)  # (b, nc, h, p, n): state entering each chunk
+        entering.append(state)
+        state = state * chunk_decay[:, :, c, None, None] + chunk_states[:, :, c]
+    prev = torch.stack(entering, dim=2)  # (b, h, c, n, p): state entering each chunk
 
     # 4) Contribution of the entering state, for positions still in the document it belongs to.
-    prev_last = torch.cat([last_seq.new_full((b, 1), -1), last_seq[:, :-1]], dim=1)  # (b, nc)
-    from_prev = (seq == prev_last.unsqueeze(-1)).unsqueeze(-1)  # (b, nc, Q, 1)
-    y = y + torch.einsum("bcihn,bchpn->bcihp", Ch, prev) * (torch.exp(dA_cum) * from_prev).unsqueeze(-1)
-    return y.reshape(b, L, h, p)[:, :l].to(out_dtype)
+    prev_last = torch.cat([last_seq.new_full((b, 1, 1), -1), last_seq[..., :-1]], dim=-1)  # (b, 1, c)
+    from_prev = torch.exp(dA_cum) * (seq == prev_last.unsqueeze(-1))  # (b, h, c, Q)
+    Ch = Cg.unsqueeze(2).expand(b, g, r, nc, Q, n).reshape(b, h, nc, Q, n)
+    y = y + (Ch @ prev) * from_prev.unsqueeze(-1)
+    y = y.permute(0, 2, 3, 1, 4).reshape(b, nc * Q, h, p)
+    return y[:, :l].to(out_dtype)
 
 
-def ssd_reference(x, dt, A, B, C, seq_idx=None):
+def ssd_reference(x, dt, A, B, C, seq_idx=None, dtype=torch.float64):
     """The same recurrence, one step at a time (slow; for tests and benchmarks)."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     rep = h // g
-    x, dt, A, B, C = x.double(), dt.double(), A.double(), B.double(), C.double()
+    x, dt, A, B, C = x.to(dtype), dt.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype)
     Bh = B.repeat_interleave(rep, dim=2)
     Ch = C.repeat_interleave(rep, dim=2)
     state = x.new_zeros(b, h, p, n)
