@@ -1,0 +1,166 @@
+"""GPU checks: fused kernels vs the pure-PyTorch path, and throughput. Run on a CUDA machine:
+
+    python scripts/gpu_check.py --out gpu_check.json [--mamba-src DIR]
+
+--mamba-src points at an unpacked mamba_ssm source tree whose Triton SSD kernels are loaded
+without the package's compiled extension (so the check runs where mamba-ssm cannot be built).
+Writes a JSON report; exits non-zero if an equivalence check fails its tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def load_mamba_triton(src: str | None) -> None:
+    if not src:
+        return
+    pkg = types.ModuleType("mamba_ssm")  # skip mamba_ssm/__init__.py: it imports the CUDA extension
+    pkg.__path__ = [str(Path(src).resolve())]
+    sys.modules["mamba_ssm"] = pkg
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12))
+
+
+def check_ssd(torch, device, report):
+    from pretrain.model.ssd import ssd_scan
+
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as e:  # noqa: BLE001
+        report["ssd"] = {"skipped": f"mamba_ssm Triton SSD not importable: {e!r}"}
+        return True
+    torch.manual_seed(0)
+    b, L, h, p, n = 2, 4096, 16, 64, 128
+    lengths = [1000, 1, 2047, 1048]
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).int()
+    seq = seq.unsqueeze(0).expand(b, -1).contiguous().to(device)
+    out = {}
+    ok = True
+    for dtype, tol in ((torch.float32, 2e-3), (torch.bfloat16, 3e-2)):
+        x = torch.randn(b, L, h, p, device=device, dtype=dtype, requires_grad=True)
+        dt_raw = (torch.randn(b, L, h, device=device) * 0.5 - 2).to(dtype).requires_grad_(True)
+        dt_bias = torch.randn(h, device=device) * 0.1
+        A = -torch.rand(h, device=device) * 4 - 0.5
+        B = torch.randn(b, L, 1, n, device=device, dtype=dtype, requires_grad=True)
+        C = torch.randn(b, L, 1, n, device=device, dtype=dtype, requires_grad=True)
+        D = torch.randn(h, device=device)
+        y_fused = mamba_chunk_scan_combined(x, dt_raw, A, B, C, chunk_size=256, D=D, dt_bias=dt_bias,
+                                            dt_softplus=True, seq_idx=seq)
+        dt = torch.nn.functional.softplus(dt_raw.float() + dt_bias)
+        y_pure = ssd_scan(x, dt, A, B, C, 256, seq) + x * D.to(dtype).unsqueeze(-1)
+        g = torch.randn_like(y_fused)
+        grads_fused = torch.autograd.grad(y_fused, (x, dt_raw, B, C), g)
+        grads_pure = torch.autograd.grad(y_pure, (x, dt_raw, B, C), g)
+        res = {"forward_rel_err": rel_err(y_pure, y_fused)}
+        for name, gf, gp in zip(("x", "dt", "B", "C"), grads_fused, grads_pure):
+            res[f"grad_{name}_rel_err"] = rel_err(gp, gf)
+        res["tolerance"] = tol
+        res["pass"] = all(v <= tol for k, v in res.items() if k.endswith("rel_err"))
+        ok &= res["pass"]
+        out[str(dtype)] = res
+    report["ssd"] = out
+    return ok
+
+
+def check_model(torch, device, report):
+    from tests.model.conftest import tiny_model
+
+    out, ok = {}, True
+    for stages in (1, 2):
+        # Triton's tl.dot needs dims of at least 16: widen the SSM heads and state of the tiny model
+        model = tiny_model(stages, ssm_cfg=dict(d_state=32, headdim=32, chunk_size=64, d_conv=4, expand=2)).to(device)
+        torch.manual_seed(1)
+        lengths = [300, 1, 700, 23]
+        ids = torch.randint(0, 256, (1, sum(lengths)), device=device)
+        cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
+        with torch.no_grad():
+            fused = model(ids, cu_seqlens=cu).logits
+            os.environ["HNET_DISABLE_FUSED"] = "1"
+            pure = model(ids, cu_seqlens=cu).logits
+            os.environ.pop("HNET_DISABLE_FUSED")
+            cpu = model.cpu()(ids.cpu(), cu_seqlens=cu.cpu()).logits
+        res = {"fused_vs_pure_rel_err": rel_err(fused, pure), "gpu_vs_cpu_rel_err": rel_err(pure.cpu(), cpu)}
+        res["pass"] = res["fused_vs_pure_rel_err"] < 1e-3 and res["gpu_vs_cpu_rel_err"] < 1e-3
+        ok &= res["pass"]
+        out[f"{stages}-stage"] = res
+    report["model"] = out
+    return ok
+
+
+def throughput(torch, device, report):
+    from pretrain.model import HNetConfig, HNetForCausalLM
+    from tests.bench.bench_model import CONFIGS, isotropic_match
+
+    out = {}
+    n_docs, doc_len = 8, 2048  # SDPA with a packed mask is O(T^2) without flash-attn
+    ids = torch.randint(0, 256, (1, n_docs * doc_len), device=device)
+    cu = (torch.arange(n_docs + 1, dtype=torch.int32) * doc_len).to(device)
+    for name in ("small",):
+        config = HNetConfig.from_dict(CONFIGS[name])
+        for label, cfg, fused in (("hnet_fused", config, True), ("hnet_pure", config, False),
+                                  ("isotropic_transformer", isotropic_match(config, config.ratio_targets, doc_len), True)):
+            torch.manual_seed(0)
+            model = HNetForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
+            for m in model.modules():
+                if hasattr(m, "residual_proj"):
+                    m.residual_proj.float()
+            if not fused:
+                os.environ["HNET_DISABLE_FUSED"] = "1"
+
+            def step():
+                o = model(ids, cu_seqlens=cu, labels=ids)
+                (o.loss + o.ratio_loss).backward()
+
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            reps = 5
+            for _ in range(reps):
+                step()
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - t) / reps
+            os.environ.pop("HNET_DISABLE_FUSED", None)
+            out[f"{name}/{label}"] = {"bytes_per_s": ids.numel() / dt, "step_s": dt,
+                                      "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+            torch.cuda.reset_peak_memory_stats()
+    report["throughput_bf16_fwd_bwd"] = out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument("--mamba-src", default=None)
+    args = ap.parse_args()
+    load_mamba_triton(args.mamba_src)
+    import torch
+
+    from pretrain.model import kernels
+
+    device = "cuda"
+    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0),
+              "fused_available": kernels.available()}
+    ok = check_ssd(torch, device, report)
+    ok &= check_model(torch, device, report)
+    try:
+        throughput(torch, device, report)
+    except Exception as e:  # noqa: BLE001 - a throughput failure must not hide the equivalence results
+        report["throughput_error"] = repr(e)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
