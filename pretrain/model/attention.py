@@ -30,15 +30,40 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([(xr * c + rotated * s).to(x.dtype), rest], dim=-1)
 
 
-def packed_causal_mask(seqs: PackedSeqs, window: int) -> torch.Tensor:
-    """(T, T) bool, True where query i may attend key j: same document, j <= i, and i - j <= window
-    when window >= 0 (a query sees keys i-window .. i, as flash-attn's window_size=(window, -1))."""
-    seq = seqs.seq_idx[0]
-    pos = seqs.position_ids
+def packed_causal_mask(seqs: PackedSeqs, window: int, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """(T, T) bool over positions [start, end), True where query i may attend key j: same document,
+    j <= i, and i - j <= window when window >= 0 (a query sees keys i-window .. i, as
+    flash-attn's window_size=(window, -1))."""
+    seq = seqs.seq_idx[0, start:end]
+    pos = seqs.position_ids[start:end]
     allowed = (seq.unsqueeze(1) == seq.unsqueeze(0)) & (pos.unsqueeze(1) >= pos.unsqueeze(0))
     if window >= 0:
         allowed &= (pos.unsqueeze(1) - pos.unsqueeze(0)) <= window
     return allowed
+
+
+def document_groups(cu_seqlens: list[int], max_positions: int) -> list[tuple[int, int]]:
+    """Split a packed row at document boundaries into spans of at most `max_positions` (a longer
+    document is a span of its own), so the masked attention costs sum(span^2), not T^2."""
+    spans, start = [], 0
+    for prev, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        if end - start > max_positions and prev > start:
+            spans.append((start, prev))
+            start = prev
+    spans.append((start, cu_seqlens[-1]))
+    return spans
+
+
+def sdpa_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSeqs, window: int,
+                max_span: int = 2048) -> torch.Tensor:
+    """Attention over packed documents with SDPA and an explicit mask, one span of whole documents
+    at a time. q, k, v: (T, H, Dh) -> (T, H, Dh)."""
+    outs = []
+    for start, end in document_groups(seqs.cu_seqlens.tolist(), max_span):
+        mask = packed_causal_mask(seqs, window, start, end)
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
 class CausalMHA(nn.Module):
@@ -68,9 +93,7 @@ class CausalMHA(nn.Module):
             out = flash(torch.stack([q, k, v], dim=1), seqs.cu_seqlens, seqs.max_seqlen, causal=True,
                         window_size=(self.window_size, -1))
         else:
-            mask = packed_causal_mask(seqs, self.window_size)
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                                 attn_mask=mask).transpose(0, 1)
+            out = sdpa_packed(q, k, v, seqs, self.window_size)
         return self.out_proj(out.reshape(1, T, self.d_model))
 
 

@@ -61,3 +61,28 @@ def test_document_start_is_always_a_boundary():
         out = model(ids, cu_seqlens=cu)
     p = out.stages[0].boundary_prob
     assert torch.all(p[cu[:-1].long()] == 1) and torch.all(out.stages[0].boundary_mask[cu[:-1].long()])
+
+
+def test_attention_spans_split_only_at_document_boundaries():
+    from pretrain.model.attention import document_groups
+
+    assert document_groups([0, 3, 5, 9], 100) == [(0, 9)]
+    assert document_groups([0, 3, 5, 9], 5) == [(0, 5), (5, 9)]
+    assert document_groups([0, 10, 12], 4) == [(0, 10), (10, 12)]  # a long document stays whole
+    spans = document_groups([0, 1, 2, 3, 4, 5, 6, 7], 3)
+    assert spans[0][0] == 0 and spans[-1][1] == 7 and all(b - a <= 3 for a, b in spans)
+    assert all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+
+
+def test_span_split_attention_equals_one_mask():
+    from pretrain.model.attention import packed_causal_mask, sdpa_packed
+    from pretrain.model.sequence import PackedSeqs
+
+    torch.manual_seed(0)
+    seqs = PackedSeqs.from_cu_seqlens(torch.tensor([0, 5, 6, 20, 33, 40], dtype=torch.int32))
+    q, k, v = (torch.randn(40, 2, 8) for _ in range(3))
+    for window in (-1, 3):
+        whole = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            attn_mask=packed_causal_mask(seqs, window)).transpose(0, 1)
+        assert torch.allclose(sdpa_packed(q, k, v, seqs, window, max_span=8), whole, atol=1e-6)
