@@ -95,3 +95,14 @@ def test_cpu_path_never_imports_cuda_packages():
             "bad = [k for k in ('mamba_ssm', 'causal_conv1d', 'flash_attn') if k in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_yaml_and_json_give_the_same_config(tmp_path):
+    import yaml
+
+    from tests.model.test_public_configs import FIXTURES
+
+    data = json.loads((FIXTURES / "hnet_2stage_XL.json").read_text())
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"model": data}))
+    assert HNetConfig.from_yaml(tmp_path / "m.yaml") == HNetConfig.from_json(FIXTURES / "hnet_2stage_XL.json")
+    assert HNetConfig.from_json(FIXTURES / "hnet_2stage_XL.json").ratio_targets == [3.0, 3.0]
