@@ -46,7 +46,11 @@ cmd_install() {
     # The package index may be empty in a fresh container; refresh it only when the
     # packages are unknown, so a repeated install stays offline.
     if ! apt-cache show slurm-wlm >/dev/null 2>&1; then apt-get update -q; fi
-    apt-get install -y -q --no-install-recommends slurm-wlm munge
+    if ! apt-get install -y -q --no-install-recommends slurm-wlm munge; then
+        # A stale index points at package versions the mirror no longer has.
+        apt-get update -q
+        apt-get install -y -q --no-install-recommends slurm-wlm munge
+    fi
     installed || die "install finished but slurmctld/slurmd/munged/sbatch are missing"
     log "installed $(slurmctld -V)"
 }
@@ -71,11 +75,15 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     done
 }
 
+cpu_count() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }
+
+# write_conf: (re)writes slurm.conf; returns 1 when it was already up to date.
 write_conf() {
     if [[ -e $SLURM_CONF_FILE ]] && ! grep -qF "$CONF_MARK" "$SLURM_CONF_FILE"; then
         die "$SLURM_CONF_FILE exists and was not written by this script; refusing to overwrite it"
     fi
-    local cpus; cpus=$(nproc)
+    # nproc honours OMP_NUM_THREADS (set to 1 by the Makefile): count the CPUs without it.
+    local cpus; cpus=$(cpu_count)
     mkdir -p "$(dirname "$SLURM_CONF_FILE")"
     local tmp="$SLURM_CONF_FILE.tmp.$$"
     cat >"$tmp" <<EOF
@@ -116,6 +124,7 @@ InactiveLimit=0
 NodeName=localhost CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+    if cmp -s "$tmp" "$SLURM_CONF_FILE"; then rm -f "$tmp"; return 1; fi
     mv "$tmp" "$SLURM_CONF_FILE"
 }
 
@@ -140,13 +149,19 @@ cmd_start() {
     need_root
     installed || die "SLURM is not installed: run '$0 install' first"
     local t0=$SECONDS
-    write_conf
+    local conf_changed=0
+    if write_conf; then conf_changed=1; fi
     install -d -o slurm -g slurm -m 0755 "$RUN_DIR" "$SPOOL_CTLD" "$LOG_DIR"
     install -d -o root -g root -m 0755 "$SPOOL_D"
     start_munge
+    if (( conf_changed )) && { pid_alive "$CTLD_PID" slurmctld || pid_alive "$SLURMD_PID" slurmd; }; then
+        # Node definitions only take effect on a restart (scontrol reconfigure refuses them).
+        log "slurm.conf changed: restarting slurmctld and slurmd"
+        stop_one "$SLURMD_PID" slurmd
+        stop_one "$CTLD_PID" slurmctld
+    fi
     if pid_alive "$CTLD_PID" slurmctld; then
         log "slurmctld already running (pid $(<"$CTLD_PID"))"
-        scontrol reconfigure >/dev/null 2>&1 || true
     else
         /usr/sbin/slurmctld -f "$SLURM_CONF_FILE"
         wait_for 20 slurmctld scontrol ping >/dev/null 2>&1 || die "slurmctld does not answer (see $LOG_DIR/slurmctld.log)"
@@ -166,7 +181,7 @@ cmd_start() {
     fi
     wait_for "$START_TIMEOUT_S" "node idle" node_idle_or_busy \
         || die "node 'localhost' is $(node_state), not idle, after ${START_TIMEOUT_S}s (see $LOG_DIR/)"
-    log "node localhost is $(node_state) with $(nproc) CPUs; ready in $((SECONDS - t0)) s"
+    log "node localhost is $(node_state) with $(cpu_count) CPUs; ready in $((SECONDS - t0)) s"
 }
 
 stop_one() {  # stop_one PIDFILE NAME
