@@ -18,9 +18,10 @@ DEFAULT_DEMO_BYTES = 4_000_000
 
 
 def demo_documents(max_bytes: int = DEFAULT_DEMO_BYTES) -> Iterator[tuple[str, bytes]]:
-    """Yield (source name, raw bytes) documents, at most about `max_bytes` in total.
+    """Yield (source name, raw bytes) documents, about `max_bytes` in total.
 
-    The pydoc topics come first (one document per topic), then stdlib .py files (one per file).
+    The pydoc topics come first, always all of them (one document per topic, ~465 KB), then
+    stdlib .py files (one per file) while the budget lasts.
     """
     import pydoc_data.topics as topics
 

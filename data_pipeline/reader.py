@@ -1,0 +1,235 @@
+"""Stateful shard reading: seeded shard order per epoch, split over streams, exact positions.
+
+A *stream* is one sequential reader; there are dp_world x max(1, num_workers) of them, stream
+s = dp_rank * workers + worker. Epoch e's shard order is a permutation seeded by (seed, e);
+stream s reads order[s::n_streams] (its *plan*: a list of [shard id, start offset]). Inside a
+shard, documents are read in a permutation seeded by (seed, e, shard id): no shuffle buffer, so a
+position (plan entry, offset into that permutation) says exactly which documents were consumed.
+
+A stream yields events, in order:
+    ("doc", epoch, entry, offset, key, bytes)   a document
+    ("skip", epoch, entry, offset, message)     a position without a usable document (skip policy)
+    ("shard_skip", epoch, entry, message)       a whole shard unusable (skip policy)
+    ("epoch_end", epoch)                        this stream has no more documents in `epoch`
+    ("end",)                                    no more epochs (epochs limit)
+and raises DataError under the fail policy. After "epoch_end" a stream goes on into the next
+epoch with its fresh plan; the consumer decides when to read on (all ranks move epochs together).
+
+Streams run in the main process (num_workers=0) or in worker processes that prefetch batches of
+events into a pipe (its buffer bounds the prefetch); the consumer tracks positions from the
+events it has *consumed*, so prefetched events never count, and a resume restarts the workers at
+the consumed positions.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import traceback
+from collections import deque
+from typing import Iterator
+
+import numpy as np
+
+from .index import ShardInfo
+from .tario import DataError, iter_samples
+
+log = logging.getLogger("data_pipeline")
+
+
+def epoch_shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
+    return np.random.default_rng([seed, epoch, 0]).permutation(n_shards).tolist()
+
+
+def in_shard_permutation(n_samples: int, seed: int, epoch: int, shard_id: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 1, shard_id]).permutation(n_samples)
+
+
+def fresh_plans(n_shards: int, seed: int, epoch: int, n_streams: int) -> list[list[list[int]]]:
+    order = epoch_shard_order(n_shards, seed, epoch)
+    return [[[sid, 0] for sid in order[s::n_streams]] for s in range(n_streams)]
+
+
+def remaining_work(plans, positions, shards: list[ShardInfo], seed: int, epoch: int) -> list[list[int]]:
+    """[shard id, offset] still to read in this epoch, in the epoch's shard order."""
+    rank_in_order = {sid: i for i, sid in enumerate(epoch_shard_order(len(shards), seed, epoch))}
+    out = []
+    for plan, (entry, offset) in zip(plans, positions):
+        for k in range(entry, len(plan)):
+            sid, start = plan[k]
+            off = offset if k == entry else start
+            if off < shards[sid].samples:
+                out.append([sid, max(off, start)])
+    out.sort(key=lambda w: rank_in_order[w[0]])
+    return out
+
+
+def replan(plans, positions, shards, seed: int, epoch: int, n_streams: int):
+    """New plans for another stream count: the unfinished work dealt round-robin (partly read
+    shards keep their offsets, so no document of the epoch is repeated or skipped)."""
+    work = remaining_work(plans, positions, shards, seed, epoch)
+    new_plans = [work[s::n_streams] for s in range(n_streams)]
+    new_positions = [[0, p[0][1] if p else 0] for p in new_plans]
+    return new_plans, new_positions
+
+
+def _load_shard(shard: ShardInfo, on_error: str) -> tuple[list, str | None]:
+    """All samples of a shard (key, bytes|None) in tar order, and the problem that cut it short."""
+    samples, problem = [], None
+    try:
+        for key, doc in iter_samples(shard.url):
+            samples.append((key, doc))
+    except DataError as e:
+        problem = str(e)
+    if problem is None and len(samples) != shard.samples:
+        problem = (f"shard {shard.name} holds {len(samples)} samples, its index says {shard.samples}"
+                   f" (truncated, or changed after indexing)")
+    if problem is not None and on_error == "fail":
+        last = samples[-1][0] if samples else ""
+        raise DataError(problem + (f" (last good key {last})" if last else ""), shard=shard.name, key=last)
+    if problem is not None and len(samples) > shard.samples:
+        log.warning("%s: using the first %d samples", problem, shard.samples)  # nothing lost: no skip events
+    return samples[: shard.samples], problem
+
+
+def iter_stream(shards: list[ShardInfo], plan, position, epoch: int, seed: int, stream: int,
+                n_streams: int, epochs: int | None, on_error: str) -> Iterator[tuple]:
+    """Events of one stream from `position` ([entry, offset] into `plan`) of `epoch` onwards."""
+    entry, offset = position
+    while epochs is None or epoch < epochs:
+        for k in range(entry, len(plan)):
+            sid, start = plan[k]
+            shard = shards[sid]
+            first = offset if k == entry else start
+            if first >= shard.samples:
+                continue
+            samples, problem = _load_shard(shard, on_error)
+            if not samples and problem is not None:
+                yield ("shard_skip", epoch, k, problem)
+                continue
+            perm = in_shard_permutation(shard.samples, seed, epoch, sid)
+            for pos in range(first, shard.samples):
+                idx = int(perm[pos])
+                if idx >= len(samples):
+                    yield ("skip", epoch, k, pos, f"{problem}: sample #{idx} lost")
+                    continue
+                key, doc = samples[idx]
+                if not doc:
+                    why = "empty document" if doc is not None else "no .bin or .txt member"
+                    if on_error == "fail":
+                        raise DataError(f"shard {shard.name} key {key}: {why}", shard=shard.name, key=key)
+                    yield ("skip", epoch, k, pos, f"shard {shard.name} key {key}: {why}")
+                    continue
+                yield ("doc", epoch, k, pos, f"{shard.name}:{key}", doc)
+        yield ("epoch_end", epoch)
+        epoch += 1
+        plan = fresh_plans(len(shards), seed, epoch, n_streams)[stream]
+        entry, offset = 0, 0
+    yield ("end",)
+
+
+# ------------------------------------------------------------------ worker processes
+
+_BATCH_EVENTS = 64
+_BATCH_BYTES = 1 << 20
+_F_SETPIPE_SZ = 1031  # Linux fcntl: a larger pipe buffer is the prefetch depth
+
+
+def _worker_main(args: dict, conn, parent_conn, stop) -> None:
+    """Runs one stream in a worker process; events go to the consumer in batches over a pipe.
+
+    The pipe is the only channel: a send blocks while the consumer is `prefetch` batches behind,
+    and fails (BrokenPipeError) once the consumer has closed its end, which ends the worker."""
+    parent_conn.close()  # the inherited read end: without it, a closed consumer means BrokenPipeError here
+    batch, nbytes = [], 0
+    try:
+        for ev in iter_stream(**args):
+            batch.append(ev)
+            nbytes += len(ev[5]) if ev[0] == "doc" else 0
+            if len(batch) >= _BATCH_EVENTS or nbytes >= _BATCH_BYTES or ev[0] != "doc":
+                if stop.is_set():
+                    return
+                conn.send(batch)
+                batch, nbytes = [], 0
+            if ev[0] == "end":
+                return
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the consumer went away
+    except BaseException as e:  # every failure reaches the consumer, never a silent dead worker
+        batch.append(("error", f"{type(e).__name__}: {e}", getattr(e, "shard", ""), getattr(e, "key", ""),
+                      traceback.format_exc()))
+        try:
+            conn.send(batch)
+        except OSError:
+            pass
+    finally:
+        conn.close()
+
+
+class StreamClient:
+    """The consumer's handle on one stream: in-process generator or a worker process.
+
+    The consumer holds only the read end of the worker's pipe: when the worker dies, even half
+    way through a batch, the read ends with EOF and the death is reported, never a hang.
+    """
+
+    def __init__(self, args: dict, use_process: bool, prefetch: int = 8, mp_context: str = "fork"):
+        self.args = args
+        self._buf: deque = deque()
+        self._proc = None
+        if use_process:
+            ctx = mp.get_context(mp_context)
+            self._conn, child_conn = ctx.Pipe(duplex=False)
+            try:
+                import fcntl
+
+                fcntl.fcntl(self._conn.fileno(), _F_SETPIPE_SZ, max(1, prefetch) * _BATCH_BYTES)
+            except (ImportError, OSError):  # not Linux, or over pipe-max-size: the default buffer
+                pass
+            self._stop = ctx.Event()
+            self._proc = ctx.Process(target=_worker_main, args=(args, child_conn, self._conn, self._stop), daemon=True,
+                                     name=f"data-stream-{args['stream']}")
+            self._proc.start()
+            child_conn.close()  # ours closed: the pipe reports EOF as soon as the worker is gone
+        else:
+            self._gen = iter_stream(**args)
+
+    def next(self) -> tuple:
+        if self._proc is None:
+            return next(self._gen)  # DataError propagates as is
+        while not self._buf:
+            try:
+                if not self._conn.poll(1.0):
+                    if not self._proc.is_alive() and not self._conn.poll(0.5):
+                        raise EOFError
+                    continue
+                self._buf.extend(self._conn.recv())
+            except (EOFError, OSError):
+                self._proc.join(1.0)
+                raise RuntimeError(f"data worker for stream {self.args['stream']} died "
+                                   f"(exit code {self._proc.exitcode}) without reporting an error") from None
+        ev = self._buf.popleft()
+        if ev[0] == "error":
+            raise DataError(f"data worker for stream {self.args['stream']} failed: {ev[1]}\n{ev[4]}",
+                            shard=ev[2], key=ev[3])
+        return ev
+
+    def request_stop(self) -> None:
+        """Tell the worker to stop (close() waits for it); lets several workers stop in parallel."""
+        if self._proc is not None:
+            self._stop.set()
+            self._conn.close()  # a worker blocked in send gets BrokenPipeError at once
+
+    def close(self) -> None:
+        if self._proc is None:
+            self._gen.close()
+            return
+        self.request_stop()
+        # a worker only reads shards: when it does not stop at once (busy parsing, or blocked on a
+        # pipe another worker inherited), terminating it loses nothing
+        self._proc.join(0.3)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(2.0)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(1.0)

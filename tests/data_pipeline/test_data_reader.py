@@ -1,0 +1,190 @@
+"""Stateful reader in one process: every document once per epoch, exact resume, bad data."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import tarfile
+import time
+from collections import Counter
+
+import pytest
+from dp_testutil import lognormal_docs, reassemble, step_digest, write_shard_set
+
+from data_pipeline import BalancedStepLoader, DataError
+
+C, STEP = 1024, 4096
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    return write_shard_set(str(d), lognormal_docs(160, seed=3), docs_per_shard=20)  # 8 shards
+
+
+def _collect(loader, n=None):
+    steps = []
+    for step in loader:
+        steps.append(step)
+        if n is not None and len(steps) == n:
+            break
+    return steps
+
+
+def _mbs(steps):
+    return [mb for s in steps for mb in s.micro_batches]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_document_once_per_epoch(shard_set, workers):
+    index, expected = shard_set
+    loader = BalancedStepLoader([index], C, STEP, num_workers=workers, epochs=1, seed=7)
+    steps = _collect(loader)
+    assert reassemble(_mbs(steps)) == expected
+    assert loader.state_dict()["finished"]
+    assert list(loader) == []  # a finished loader stays finished
+
+
+def test_epochs_reshuffle_and_repeat(shard_set):
+    index, expected = shard_set
+    steps = _collect(BalancedStepLoader([index], C, STEP, num_workers=2, epochs=2, seed=7))
+    starts = Counter(k for mb in _mbs(steps) for k in mb.keys if "@" not in k)
+    assert set(starts) == set(expected) and set(starts.values()) == {2}
+    order = [k for mb in _mbs(steps) for k in mb.keys if "@" not in k]
+    half = len(order) // 2
+    assert order[:half] != order[half:]  # a new seeded order in epoch 1
+
+
+def test_exact_resume_in_process_with_workers(shard_set):
+    index, _ = shard_set
+    ref = BalancedStepLoader([index], C, STEP, num_workers=2, seed=1)
+    full = [step_digest(s) for s in _collect(ref, 60)]  # crosses the epoch boundary (~45 steps/epoch)
+    states = {}
+    first = BalancedStepLoader([index], C, STEP, num_workers=2, seed=1)
+    for i, _s in enumerate(first, 1):
+        if i in (5, 43):
+            states[i] = pickle.loads(pickle.dumps(first.state_dict()))
+        if i == 43:
+            break
+    first.close()
+    for k, state in states.items():
+        resumed = BalancedStepLoader([index], C, STEP, num_workers=2, seed=1)
+        resumed.load_state_dict(state)
+        got = [step_digest(s) for s in _collect(resumed, 12)]
+        assert got == full[k:k + 12], f"resume from step {k} differs"
+    assert ref.epoch >= 1
+
+
+@pytest.mark.parametrize("new_workers", [0, 3])
+def test_resume_with_other_worker_count_repeats_nothing(shard_set, new_workers):
+    index, expected = shard_set
+    a = BalancedStepLoader([index], C, STEP, num_workers=2, epochs=1, seed=2)
+    first = _collect(a, 9)
+    state = a.state_dict()
+    a.close()
+    b = BalancedStepLoader([index], C, STEP, num_workers=new_workers, epochs=1, seed=2)
+    b.load_state_dict(state)
+    rest = _collect(b)
+    assert reassemble(_mbs(first) + _mbs(rest)) == expected
+
+
+def test_state_checks(shard_set, tmp_path):
+    index, _ = shard_set
+    state = BalancedStepLoader([index], C, STEP, seed=1).state_dict()
+    json.dumps({k: v for k, v in state.items() if k != "carry"})  # plain data
+    with pytest.raises(ValueError, match="seed"):
+        BalancedStepLoader([index], C, STEP, seed=2).load_state_dict(state)
+    other, _ = write_shard_set(str(tmp_path / "o"), lognormal_docs(10, seed=9), docs_per_shard=5)
+    with pytest.raises(ValueError, match="different shard list"):
+        BalancedStepLoader([other], C, STEP, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="multiple of round_to"):
+        BalancedStepLoader([index], 1000, STEP, round_to=64)
+
+
+# ------------------------------------------------------------------ bad data
+
+def _damage(tmp_path, docs_per_shard=10, n=40):
+    index, expected = write_shard_set(str(tmp_path), lognormal_docs(n, seed=5, mean=5.0), docs_per_shard)
+    meta = json.loads(open(index).read())
+    truncated = os.path.join(tmp_path, meta["shards"][1]["path"])
+    with tarfile.open(truncated) as tar:
+        cut = tar.getmembers()[docs_per_shard // 2].offset_data + 1  # inside the 6th document
+    data = open(truncated, "rb").read()
+    with open(truncated, "wb") as f:
+        f.write(data[:cut])
+    missing = os.path.join(tmp_path, meta["shards"][2]["path"])
+    os.remove(missing)
+    return index, expected
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_and_missing_shards_skip(tmp_path, workers, caplog):
+    index, expected = _damage(tmp_path)
+    loader = BalancedStepLoader([index], C, STEP, num_workers=workers, epochs=1)
+    with caplog.at_level("WARNING", logger="data_pipeline"):
+        got = reassemble(_mbs(_collect(loader)))
+    st = loader.state_dict()
+    assert st["skipped_shards"] == 1  # the missing one
+    lost_from_truncated = st["skipped_docs"]
+    assert lost_from_truncated == 5  # documents 6..10 of the truncated shard
+    good = {k: v for k, v in expected.items() if not k.startswith(("shard-000001", "shard-000002"))}
+    assert {k: got[k] for k in good} == good  # intact shards entirely read
+    assert not [k for k in got if k.startswith("shard-000002")]
+    assert len([k for k in got if k.startswith("shard-000001")]) == 10 - lost_from_truncated
+    assert all(got[k] == expected[k] for k in got)  # what came from the broken shard is intact
+    assert "shard-000002.tar" in caplog.text and "shard-000001.tar" in caplog.text
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_and_missing_shards_fail(tmp_path, workers):
+    index, _ = _damage(tmp_path)
+    loader = BalancedStepLoader([index], C, STEP, num_workers=workers, epochs=1, on_error="fail")
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match=r"shard-00000[12]\.tar"):
+        _collect(loader)
+    assert time.monotonic() - t0 < 30
+
+
+def test_empty_document_and_member_without_text(tmp_path):
+    path = tmp_path / "shard-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("a.bin", b"good one"), ("b.bin", b""), ("c.json", b"{}"), ("d.txt", b"good two")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "index.json").write_text(json.dumps({"shards": [{"path": path.name, "samples": 4}]}))
+    index = str(tmp_path / "index.json")
+    loader = BalancedStepLoader([index], 64, 128, epochs=1)
+    got = reassemble(_mbs(_collect(loader)))
+    assert got == {"shard-000000.tar:a": b"good one", "shard-000000.tar:d": b"good two"}
+    assert loader.state_dict()["skipped_docs"] == 2
+    with pytest.raises(DataError, match=r"shard-000000\.tar key b: empty document"):
+        _collect(BalancedStepLoader([index], 64, 128, epochs=1, on_error="fail"))
+
+
+def test_dead_worker_surfaces(shard_set):
+    index, _ = shard_set
+    loader = BalancedStepLoader([index], C, STEP, num_workers=1, prefetch=1)
+    it = iter(loader)
+    next(it)
+    proc = loader._clients[0]._proc
+    proc.kill()
+    proc.join(5)
+    t0 = time.monotonic()
+    with pytest.raises((RuntimeError, DataError), match="died"):
+        for _ in range(1000):
+            next(it)
+    assert time.monotonic() - t0 < 30
+
+
+def test_pipe_url_shards(shard_set, tmp_path):
+    """Shards named by a `pipe:` URL (how object stores are read on clusters)."""
+    index, expected = shard_set
+    meta = json.loads(open(index).read())
+    base = os.path.dirname(index)
+    for e in meta["shards"]:
+        e["path"] = f"pipe:cat {os.path.join(base, e['path'])}"
+    (tmp_path / "index.json").write_text(json.dumps(meta))
+    got = reassemble(_mbs(_collect(BalancedStepLoader([str(tmp_path / "index.json")], C, STEP, epochs=1))))
+    assert sorted(got.values()) == sorted(expected.values())
