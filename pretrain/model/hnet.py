@@ -144,10 +144,12 @@ class HNetForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> HNetOutput:
+                labels: torch.Tensor | None = None, n_real: int | None = None) -> HNetOutput:
         """input_ids: (B, L) byte ids, each row one document; or (1, T) packed documents
         described by cu_seqlens (int32, n_docs + 1). labels: same shape as input_ids, next byte
-        or -100 where there is no target."""
+        or -100 where there is no target. n_real: in a packed row whose end is padding (its own
+        cu_seqlens segment), the number of real positions; routing statistics (F, G, ratio loss,
+        compression) then count real positions only."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
@@ -173,7 +175,12 @@ class HNetForCausalLM(nn.Module):
         logits = self.lm_head(hidden).float().view(B, L, -1)
 
         out = HNetOutput(logits=logits)
-        stats = [self._stage_stats(r, n) for r, n in zip(routing, self.config.ratio_targets)]
+        stats, n = [], n_real
+        for r, target in zip(routing, self.config.ratio_targets):
+            if n is not None:  # padding sits at the row's end at every level (it is its own document)
+                r = RoutingOutput(r.boundary_prob[:n], r.boundary_mask[:n], r.selected_probs[:n])
+                n = int(r.boundary_mask.sum())
+            stats.append(self._stage_stats(r, target))
         out.stages = stats
         out.ratio_loss = (self.config.ratio_alpha * sum(s.ratio_loss for s in stats)) if stats else logits.new_zeros(())
         if labels is not None:
@@ -186,9 +193,14 @@ class HNetForCausalLM(nn.Module):
 
     @staticmethod
     def _stage_stats(r: RoutingOutput, target: float) -> StageStats:
-        F_ = r.boundary_mask.float().mean()
-        G = upcast(r.boundary_prob).mean()
+        prob = upcast(r.boundary_prob)
+        if r.boundary_mask.numel() == 0:  # a padding-only row: no statistics, no ratio loss
+            zero = prob.sum()
+            return StageStats(r.boundary_mask, r.boundary_prob, F=zero.detach(), G=zero.detach(),
+                              compression_ratio=zero.detach(), ratio_loss=zero)
+        F_ = r.boundary_mask.to(prob.dtype).mean()
+        G = prob.mean()
         n_chunks = r.boundary_mask.sum().clamp(min=1)
-        ratio = (r.boundary_mask.numel() / n_chunks.float()).detach()
+        ratio = (r.boundary_mask.numel() / n_chunks.to(prob.dtype)).detach()
         return StageStats(boundary_mask=r.boundary_mask, boundary_prob=r.boundary_prob, F=F_, G=G,
                           compression_ratio=ratio, ratio_loss=ratio_loss(F_, G, target))

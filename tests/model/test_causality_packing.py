@@ -86,3 +86,26 @@ def test_span_split_attention_equals_one_mask():
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
             attn_mask=packed_causal_mask(seqs, window)).transpose(0, 1)
         assert torch.allclose(sdpa_packed(q, k, v, seqs, window, max_span=8), whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_routing_statistics_ignore_trailing_padding(stages):
+    """A padding segment at the row's end (row rounding, idle ranks) is left out of F, G, the
+    ratio loss and the compression ratio when n_real is given."""
+    model = tiny_model(stages)
+    torch.manual_seed(3)
+    real = torch.randint(0, 256, (1, 70))
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32)
+    padded = torch.cat([real, torch.zeros(1, 26, dtype=torch.long)], dim=1)
+    cu_padded = torch.tensor([0, 30, 70, 96], dtype=torch.int32)
+    with torch.no_grad():
+        want = model(real, cu_seqlens=cu)
+        got = model(padded, cu_seqlens=cu_padded, n_real=70)
+        naive = model(padded, cu_seqlens=cu_padded)
+        empty = model(torch.zeros(1, 16, dtype=torch.long), cu_seqlens=torch.tensor([0, 16], dtype=torch.int32),
+                      n_real=0)
+    for a, b in zip(got.stages, want.stages):
+        for field in ("F", "G", "compression_ratio", "ratio_loss"):
+            assert torch.allclose(getattr(a, field), getattr(b, field), atol=1e-6), field
+    assert not torch.allclose(naive.stages[0].G, want.stages[0].G)
+    assert float(empty.ratio_loss) == 0.0
