@@ -23,6 +23,19 @@ TRAINER_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_
                 "gradient_clipping", "bf16", "fp16", "torch_autocast", "optimizer", "scheduler")
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_path(path: str) -> Path:
+    """A relative path that does not exist from the working directory is looked up in the repository
+    (so `ds_configs/zero3.json` works from any run directory)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else p
+
+
 def _deep_merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in extra.items():
@@ -63,7 +76,7 @@ def resolve_ds_config(cfg, world_size: int) -> dict:
     Raises ConfigError naming the key and the file when the file contradicts the experiment
     config (a trainer key with another value, or an optimizer / scheduler section).
     """
-    path = Path(cfg.train.ds_config)
+    path = repo_path(cfg.train.ds_config)
     if not path.is_file():
         raise ConfigError(f"train.ds_config: no such DeepSpeed file {str(path)!r}")
     try:

@@ -144,6 +144,8 @@ class ExperimentConfig:
         base: dict[str, Any] = {}
         if m.config_path:
             path = Path(m.config_path)
+            if not path.is_absolute() and not path.exists():
+                path = Path(__file__).resolve().parents[1] / path  # repository-relative
             if not path.is_file():
                 raise ConfigError(f"model.config_path: no such file {m.config_path!r}")
             base = json.loads(path.read_text())

@@ -1,0 +1,290 @@
+"""How one optimizer step's forward and backward run over the engines.
+
+The training loop (pretrain/train.py) only sees a `StepExecutor`: `train_step(step_batch)`,
+`eval_forward(micro_batch)`, `save` / `load`, `param_groups`. Two executors exist:
+
+- `ZeroStep`: one DeepSpeed engine (ZeRO-1/2/3) over all ranks, i.e. data parallel.
+- `PlainStep`: one process, plain PyTorch AdamW, no DeepSpeed (baselines, equivalence tests).
+
+A pipeline schedule over per-stage ZeRO-3 engines is a third executor with the same interface,
+so the loop, checkpointing, evaluation and tracking stay as they are.
+
+Token weighting (REFERENCE.md section 3): every real target byte of the global step weighs the
+same. Micro-batch i's summed cross-entropy is scaled by DP / global_targets before backward;
+DeepSpeed then averages gradients over the DP ranks (divide by DP) and, with its gradient
+accumulation count fixed at 1 and the accumulation boundary driven here, divides by 1. The
+gradient is therefore d(sum over all targets of CE / global_targets), whatever rank or
+micro-batch a byte landed in. The ratio loss (per micro-batch, alpha-weighted) is averaged over
+all micro-batches of the step: scaled by 1 / n_micro before the same DP average.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from parallel.distributed import all_reduce_sum
+
+
+@dataclass
+class StepResult:
+    """Global (all-rank) figures of one optimizer step."""
+
+    loss_sum: float  # summed cross-entropy over all target bytes, nats
+    n_targets: int
+    n_bytes: int
+    ratio_loss: float  # alpha-weighted ratio loss, mean over micro-batches
+    compression: list[float]  # bytes per chunk at each stage (outer first), byte-weighted
+    boundary_fraction: list[float]  # F per stage, byte-weighted
+    grad_norm: float
+    skipped: bool  # non-finite loss or gradient: no parameter update
+    n_micro: int
+    bad_keys: list[str] = field(default_factory=list)  # this rank's keys of the micro-batches that went bad
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy per target byte (nats)."""
+        return self.loss_sum / max(1, self.n_targets)
+
+    @property
+    def bpb(self) -> float:
+        return self.loss / math.log(2)
+
+
+def stage_stats(out) -> tuple[list[float], list[float]]:
+    """Bytes per chunk and boundary fraction per stage for one micro-batch (outer first)."""
+    bpc, frac = [], []
+    prod = 1.0
+    for st in out.stages:
+        prod *= float(st.compression_ratio)
+        bpc.append(prod)
+        frac.append(float(st.F))
+    return bpc, frac
+
+
+class _Accumulator:
+    """Local sums of one step; reduced over ranks in one all_reduce."""
+
+    def __init__(self, n_stages: int):
+        self.n_stages = n_stages
+        self.loss_sum = 0.0
+        self.n_targets = 0
+        self.n_bytes = 0
+        self.ratio = 0.0
+        self.n_micro = 0
+        self.bpc = [0.0] * n_stages  # byte-weighted sums
+        self.frac = [0.0] * n_stages
+        self.bad = 0.0
+        self.bad_keys: list[str] = []
+
+    def add(self, out, mb, loss_sum: float, ratio: float) -> None:
+        finite = math.isfinite(loss_sum) and math.isfinite(ratio)
+        if not finite:
+            self.bad = 1.0
+            self.bad_keys.extend(mb.keys)
+        self.loss_sum += loss_sum if finite else 0.0
+        self.ratio += ratio if finite else 0.0
+        self.n_targets += int(mb.n_targets)
+        self.n_bytes += int(mb.n_bytes)
+        self.n_micro += 1
+        if out is not None and out.stages:
+            bpc, frac = stage_stats(out)
+            for s in range(min(self.n_stages, len(bpc))):
+                self.bpc[s] += bpc[s] * mb.n_bytes
+                self.frac[s] += frac[s] * mb.n_bytes
+
+    def reduce(self, grad_norm: float, skipped_local: bool = False) -> StepResult:
+        vec = [self.loss_sum, self.n_targets, self.n_bytes, self.ratio, self.n_micro, self.bad + float(skipped_local)]
+        vec += self.bpc + self.frac
+        tot = all_reduce_sum(vec)
+        loss_sum, n_t, n_b, ratio, n_micro, bad = tot[:6]
+        s = self.n_stages
+        bpc = [v / max(1.0, n_b) for v in tot[6:6 + s]]
+        frac = [v / max(1.0, n_b) for v in tot[6 + s:6 + 2 * s]]
+        skipped = bad > 0 or not math.isfinite(grad_norm)
+        return StepResult(loss_sum=loss_sum, n_targets=int(n_t), n_bytes=int(n_b), ratio_loss=ratio / max(1.0, n_micro),
+                          compression=bpc, boundary_fraction=frac, grad_norm=grad_norm, skipped=skipped,
+                          n_micro=int(n_micro), bad_keys=self.bad_keys)
+
+
+def _to(mb, device):
+    return (mb.input_ids.to(device, non_blocking=True), mb.labels.to(device, non_blocking=True),
+            mb.cu_seqlens.to(device, non_blocking=True))
+
+
+def _n_real(mb) -> int | None:
+    """Real positions of a row padded at its end (row rounding), so routing statistics skip the padding."""
+    n = int(mb.n_bytes)
+    return n if n < mb.input_ids.shape[-1] else None
+
+
+def _scalar(x) -> float:
+    if x is None:
+        return 0.0
+    return float(x.detach().float().item()) if torch.is_tensor(x) else float(x)
+
+
+class StepExecutor:
+    """Interface the loop drives. `n_stages` = routing levels of the model."""
+
+    dp_rank: int = 0
+    dp_world: int = 1
+    n_stages: int = 1
+
+    @property
+    def module(self) -> torch.nn.Module:  # the (possibly ZeRO-wrapped) H-Net
+        raise NotImplementedError
+
+    @property
+    def param_groups(self) -> list[dict]:
+        raise NotImplementedError
+
+    def train_step(self, batch, inject_nan: bool = False) -> StepResult:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def eval_forward(self, mb):
+        """One forward without gradients; returns the model output."""
+        ids, labels, cu = _to(mb, self.device)
+        return self._forward(ids, cu, labels, _n_real(mb))
+
+    def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
+        raise NotImplementedError
+
+    def load(self, ckpt_dir: str, tag: str, universal: bool = False) -> dict:
+        raise NotImplementedError
+
+
+class ZeroStep(StepExecutor):
+    """One DeepSpeed engine over all data-parallel ranks."""
+
+    def __init__(self, engine, n_stages: int, dp_rank: int, dp_world: int):
+        self.engine = engine
+        self.n_stages = n_stages
+        self.dp_rank = dp_rank
+        self.dp_world = dp_world
+        self.device = engine.device
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    @property
+    def param_groups(self):
+        return self.engine.optimizer.param_groups
+
+    def _forward(self, ids, cu, labels, n_real=None):
+        return self.engine(ids, cu_seqlens=cu, labels=labels, n_real=n_real)
+
+    def train_step(self, batch, inject_nan: bool = False) -> StepResult:
+        mbs = batch.micro_batches
+        n = len(mbs)
+        weight = self.dp_world / max(1, int(batch.global_targets))
+        acc = _Accumulator(self.n_stages)
+        self.engine.train()
+        for i, mb in enumerate(mbs):
+            # The boundary is ours: reduce-scatter + optimizer step only after the last micro-batch.
+            self.engine.set_gradient_accumulation_boundary(i == n - 1)
+            ids, labels, cu = _to(mb, self.device)
+            out = self._forward(ids, cu, labels, _n_real(mb))
+            loss_sum = out.loss_sum
+            if inject_nan:
+                loss_sum = loss_sum * float("nan")
+            ratio = out.ratio_loss if out.ratio_loss is not None else loss_sum.new_zeros(())
+            objective = loss_sum * weight + ratio / n
+            # scale_wrt_gas=False: DeepSpeed's 1/GAS must not apply on top of our weighting.
+            self.engine.backward(objective, scale_wrt_gas=False)
+            acc.add(out, mb, _scalar(loss_sum), _scalar(ratio))
+        self.engine.step()  # ZeRO skips the update itself when the gradient norm is inf/nan
+        gn = self.engine.get_global_grad_norm()
+        grad_norm = _scalar(gn) if gn is not None else float("nan")
+        return acc.reduce(grad_norm)
+
+    def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
+        # save_latest=False: DeepSpeed's rank 0 would write `latest` as soon as *it* is done, before
+        # the other ranks finished; the checkpoint manager moves `latest` after a barrier instead.
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, ckpt_dir: str, tag: str, universal: bool = False) -> dict:
+        cfg = self.engine._config
+        before = cfg.load_universal_checkpoint
+        # A universal checkpoint is loaded with load_universal for this one load only; saves after
+        # it are ordinary ZeRO checkpoints again.
+        cfg.load_universal_checkpoint = universal
+        try:
+            path, client = self.engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
+        finally:
+            cfg.load_universal_checkpoint = before
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+        return client or {}
+
+
+class PlainStep(StepExecutor):
+    """One process, plain PyTorch: the reference the ZeRO executor must agree with."""
+
+    PLAIN_FILE = "plain_states.pt"
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, n_stages: int,
+                 grad_clip: float, device: torch.device | str = "cpu"):
+        self.model = model
+        self.optimizer = optimizer
+        self.n_stages = n_stages
+        self.grad_clip = grad_clip
+        self.device = torch.device(device)
+
+    @property
+    def module(self):
+        return self.model
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def _forward(self, ids, cu, labels, n_real=None):
+        return self.model(ids, cu_seqlens=cu, labels=labels, n_real=n_real)
+
+    def train_step(self, batch, inject_nan: bool = False) -> StepResult:
+        mbs = batch.micro_batches
+        n = len(mbs)
+        weight = 1.0 / max(1, int(batch.global_targets))
+        acc = _Accumulator(self.n_stages)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        for mb in mbs:
+            ids, labels, cu = _to(mb, self.device)
+            out = self._forward(ids, cu, labels, _n_real(mb))
+            loss_sum = out.loss_sum * float("nan") if inject_nan else out.loss_sum
+            ratio = out.ratio_loss if out.ratio_loss is not None else loss_sum.new_zeros(())
+            (loss_sum * weight + ratio / n).backward()
+            acc.add(out, mb, _scalar(loss_sum), _scalar(ratio))
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        bad = acc.bad > 0 or not math.isfinite(grad_norm)
+        if not bad:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return acc.reduce(grad_norm, skipped_local=bad)
+
+    def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
+        d = os.path.join(ckpt_dir, tag)
+        os.makedirs(d, exist_ok=True)
+        tmp = os.path.join(d, self.PLAIN_FILE + ".tmp")
+        torch.save({"module": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "client_state": client_state}, tmp)
+        os.replace(tmp, os.path.join(d, self.PLAIN_FILE))
+
+    def load(self, ckpt_dir: str, tag: str, universal: bool = False) -> dict:
+        path = os.path.join(ckpt_dir, tag, self.PLAIN_FILE)
+        if not os.path.isfile(path):
+            raise RuntimeError(f"{path} not found: a plain-engine run resumes only from a plain-engine checkpoint")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["client_state"]

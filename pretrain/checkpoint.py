@@ -1,0 +1,141 @@
+"""Checkpoint directory management: tags, the project-owned `latest`, retention, resume lookup.
+
+Layout under the checkpoint directory::
+
+    step00000120/            engine files (ZeRO shards, one set per rank) + meta.json + config.yaml + COMPLETE
+    step00000120_universal/  only after `python -m pretrain.reshard` (DeepSpeed universal format)
+    latest                   the tag of the newest complete checkpoint
+
+`latest` moves only after every rank finished writing: the engine save runs on all ranks
+(DeepSpeed's own `latest` is disabled), then a barrier, then rank 0 writes COMPLETE and replaces
+`latest` atomically (write a temporary file, fsync, rename). A crash anywhere before the rename
+leaves `latest` on the previous checkpoint, which stays loadable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+from parallel.distributed import barrier
+
+TAG_RE = re.compile(r"^step(\d{8})$")
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+META = "meta.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    m = TAG_RE.match(tag)
+    if not m:
+        raise ValueError(f"not a checkpoint tag: {tag!r}")
+    return int(m.group(1))
+
+
+def atomic_write(path: str, text: str) -> None:
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    # fsync the directory so the rename itself survives a crash.
+    dfd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class CheckpointManager:
+    def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0, rank: int = 0):
+        self.root = root
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.rank = rank
+
+    # ------------------------------------------------------------------ queries
+    def latest_tag(self) -> str | None:
+        path = os.path.join(self.root, LATEST)
+        if not os.path.isfile(path):
+            return None
+        tag = open(path).read().strip()
+        return tag or None
+
+    def read_meta(self, tag: str) -> dict:
+        path = os.path.join(self.root, tag, META)
+        if not os.path.isfile(path):
+            raise RuntimeError(f"checkpoint {self.root}/{tag} has no {META}: not written by this trainer")
+        with open(path) as f:
+            return json.load(f)
+
+    def complete_tags(self) -> list[str]:
+        if not os.path.isdir(self.root):
+            return []
+        tags = [t for t in os.listdir(self.root)
+                if TAG_RE.match(t) and os.path.isfile(os.path.join(self.root, t, COMPLETE))]
+        return sorted(tags, key=step_of)
+
+    # ------------------------------------------------------------------ saving
+    def save(self, executor, step: int, client_state: dict, meta: dict, config_yaml: str,
+             crash_hook=None) -> str:
+        """Runs on every rank. Returns the tag. `crash_hook(phase)` is for fault-injection tests."""
+        tag = tag_for(step)
+        tag_dir = os.path.join(self.root, tag)
+        if self.rank == 0:
+            os.makedirs(self.root, exist_ok=True)
+            # A leftover of a crashed save of this same step must not be mistaken for complete.
+            if os.path.exists(os.path.join(tag_dir, COMPLETE)):
+                os.unlink(os.path.join(tag_dir, COMPLETE))
+        barrier()
+        if crash_hook:
+            crash_hook("before_engine_save")
+        executor.save(self.root, tag, client_state)
+        if crash_hook:
+            crash_hook("after_engine_save")
+        barrier()  # every rank finished writing its shard
+        if self.rank == 0:
+            os.makedirs(tag_dir, exist_ok=True)
+            atomic_write(os.path.join(tag_dir, META), json.dumps(meta, indent=1, sort_keys=True))
+            atomic_write(os.path.join(tag_dir, "config.yaml"), config_yaml)
+            atomic_write(os.path.join(tag_dir, COMPLETE), "")
+            atomic_write(os.path.join(self.root, LATEST), tag)
+            self.prune()
+        barrier()
+        return tag
+
+    def prune(self) -> list[str]:
+        """Keeps the newest `keep_last` complete checkpoints and every `keep_every`-th step; removes
+        the rest and any incomplete tag directory older than `latest` (debris of a crashed save)."""
+        latest = self.latest_tag()
+        complete = self.complete_tags()
+        keep = set(complete[-self.keep_last:])
+        if latest:
+            keep.add(latest)
+        if self.keep_every > 0:
+            keep.update(t for t in complete if step_of(t) % self.keep_every == 0)
+        removed = []
+        latest_step = step_of(latest) if latest else -1
+        for name in os.listdir(self.root):
+            base = name[: -len("_universal")] if name.endswith("_universal") else name
+            if not TAG_RE.match(base):
+                continue
+            path = os.path.join(self.root, name)
+            is_complete = os.path.isfile(os.path.join(self.root, base, COMPLETE))
+            stale_partial = not is_complete and step_of(base) < latest_step
+            if (is_complete and base not in keep) or stale_partial:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(name)
+        return removed

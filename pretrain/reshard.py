@@ -1,0 +1,73 @@
+"""Convert a ZeRO checkpoint to DeepSpeed's universal format so it resumes at another data-parallel size.
+
+    python -m pretrain.reshard CKPT_DIR_OR_RUN_DIR [--tag stepNNNNNNNN]
+
+Writes `<tag>_universal/` beside the tag (via `deepspeed.checkpoint.ds_to_universal`). The trainer
+notices that the checkpoint was written by another number of ranks and loads the universal copy
+with `checkpoint.load_universal` for that one load; the data loader's saved state (identical on
+every rank, all ranks' stream positions) is re-dealt over the new ranks without repeating or
+skipping documents. The trainer also runs this conversion itself when checkpoint.auto_reshard is on.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+from pretrain.checkpoint import COMPLETE, LATEST, CheckpointManager, atomic_write
+
+
+def find_checkpoint_root(path: str) -> str:
+    """A run directory, a checkpoints directory (with `latest`) or a tag directory -> the checkpoints root."""
+    for cand in (path, os.path.join(path, "checkpoints")):
+        if os.path.isfile(os.path.join(cand, LATEST)):
+            return cand
+    if os.path.isfile(os.path.join(path, COMPLETE)):
+        return os.path.dirname(os.path.abspath(path))
+    raise FileNotFoundError(f"{path}: no checkpoint found (expected a `{LATEST}` file or a complete tag directory)")
+
+
+def convert_to_universal(root: str, tag: str, workers: int = 1) -> str:
+    """Converts root/tag into root/<tag>_universal (atomically: a temporary folder renamed at the end)."""
+    src = os.path.join(root, tag)
+    if not os.path.isfile(os.path.join(src, COMPLETE)):
+        raise RuntimeError(f"{src} is not a complete checkpoint")
+    final = os.path.join(root, f"{tag}_universal")
+    if os.path.isdir(os.path.join(final, "zero")):
+        return final
+    tmp = os.path.join(root, f".tmp_{tag}_universal")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
+           "--output_folder", tmp, "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed for {src}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    for name in ("meta.json", "config.yaml"):
+        shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    # ds_to_universal points latest_universal at the temporary name; point it at the real one.
+    atomic_write(os.path.join(root, "latest_universal"), os.path.basename(final))
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pretrain.reshard", description=__doc__.split("\n\n")[0])
+    ap.add_argument("path", help="run directory, checkpoints directory or tag directory")
+    ap.add_argument("--tag", default=None, help="checkpoint tag (default: the one `latest` names)")
+    ap.add_argument("--workers", type=int, default=1)
+    a = ap.parse_args(argv)
+    root = find_checkpoint_root(a.path)
+    tag = a.tag or CheckpointManager(root).latest_tag()
+    if os.path.isfile(os.path.join(a.path, COMPLETE)) and a.tag is None:
+        tag = os.path.basename(os.path.abspath(a.path))
+    out = convert_to_universal(root, tag, a.workers)
+    print(f"universal checkpoint written to {out}; the next run in this run directory at any number of ranks "
+          f"resumes from it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Bad inputs fail at start (before any engine exists) with a message naming the problem."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from trainer_harness import REPO, base_env, train_argv
+
+
+def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(train_argv(f"run_dir={tmp_path / 'run'}", *overrides), cwd=tmp_path, env=base_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def expect_failure(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode == 2, f"expected a refusal, got rc={res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+    for needle in needles:
+        assert needle in res.stderr, f"{needle!r} not named in:\n{res.stderr[-2000:]}"
+    assert "Traceback" not in res.stderr
+
+
+def test_unknown_config_key(tmp_path, demo_shards):
+    res = run_cli(tmp_path, f"data.train_index=[{demo_shards['train']}]", "train.stpes=3")
+    expect_failure(res, "train.stpes")
+
+
+def test_bad_value_type(tmp_path, demo_shards):
+    res = run_cli(tmp_path, f"data.train_index=[{demo_shards['train']}]", "optim.lr=fast")
+    expect_failure(res, "optim.lr")
+
+
+def test_empty_shard_list(tmp_path):
+    res = run_cli(tmp_path, "data.train_index=[]")
+    expect_failure(res, "data.train_index")
+
+
+def test_deepspeed_file_contradicting_experiment(tmp_path, demo_shards):
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["gradient_clipping"] = 0.5
+    bad = tmp_path / "bad_ds.json"
+    bad.write_text(json.dumps(ds))
+    res = run_cli(tmp_path, f"data.train_index=[{demo_shards['train']}]", f"train.ds_config={bad}", "optim.grad_clip=1.0")
+    expect_failure(res, "gradient_clipping", "optim.grad_clip", str(bad))
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_shape(tmp_path, demo_shards):
+    """A 1-process plain run writes a checkpoint; asking for a wider model in that run dir is refused."""
+    ok = run_cli(tmp_path, f"data.train_index=[{demo_shards['train']}]", "train.engine=plain", "train.steps=2",
+                 "tracking.enabled=false")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    res = run_cli(tmp_path, f"data.train_index=[{demo_shards['train']}]", "train.engine=plain", "train.steps=4",
+                  "tracking.enabled=false", "model.d_model=[32,64]")
+    expect_failure(res, "another model", "d_model", "[32, 48]", "[32, 64]")
+
+
+@pytest.mark.slow
+def test_consecutive_non_finite_steps_stop_with_step_and_keys(tmp_path, demo_shards):
+    res = run_cli(tmp_path, f"data.train_index=[{demo_shards['train']}]", "train.engine=plain", "train.steps=6",
+                  "tracking.enabled=false", "debug.nan_at_steps=[2,3]", "train.max_bad_steps=2")
+    expect_failure(res, "stopping at step 3", "2 consecutive steps", "shard-")
+    log = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    assert len(log) == 3 and '"skipped": true' in log[1]

@@ -1,0 +1,84 @@
+"""Checkpoint directory rules (atomic `latest`, retention, crash debris) and MLflow tracking on a real SQLite store."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pretrain.checkpoint import COMPLETE, CheckpointManager, tag_for
+from pretrain.tracking import MlflowTracker, default_tracking_uri
+
+
+class FileWriter:
+    """An executor that writes one shard file per save (the engine's part of a checkpoint)."""
+
+    def save(self, root, tag, client_state):
+        os.makedirs(os.path.join(root, tag), exist_ok=True)
+        with open(os.path.join(root, tag, "shard.bin"), "w") as f:
+            f.write(str(client_state))
+
+
+def save(mgr, step, crash=None):
+    return mgr.save(FileWriter(), step, {"step": step}, {"step": step, "model": {}}, "x: 1\n", crash_hook=crash)
+
+
+def test_retention_keep_last_and_every(tmp_path):
+    mgr = CheckpointManager(str(tmp_path), keep_last=2, keep_every=20)
+    for step in range(5, 65, 5):
+        save(mgr, step)
+    assert mgr.latest_tag() == tag_for(60)
+    assert mgr.complete_tags() == [tag_for(20), tag_for(40), tag_for(55), tag_for(60)]
+
+
+def test_crash_mid_save_keeps_previous_latest(tmp_path):
+    mgr = CheckpointManager(str(tmp_path), keep_last=3)
+    save(mgr, 10)
+
+    def die(phase):
+        if phase == "after_engine_save":
+            raise KeyboardInterrupt("simulated crash after the shard files, before `latest`")
+
+    with pytest.raises(KeyboardInterrupt):
+        save(mgr, 20, crash=die)
+    assert mgr.latest_tag() == tag_for(10)
+    assert not os.path.exists(tmp_path / tag_for(20) / COMPLETE)
+    assert mgr.read_meta(mgr.latest_tag())["step"] == 10
+    # Saving the same step again after a restart completes it; debris older than latest is pruned.
+    save(mgr, 20)
+    assert mgr.latest_tag() == tag_for(20) and mgr.complete_tags() == [tag_for(10), tag_for(20)]
+    os.makedirs(tmp_path / tag_for(15))  # a partial save that never completed
+    save(mgr, 30)
+    assert not os.path.exists(tmp_path / tag_for(15))
+
+
+@pytest.mark.slow
+def test_mlflow_tracker_buffers_and_resumes_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = default_tracking_uri()
+    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    t = MlflowTracker(uri, "unit", flush_every=5)
+    t.log_params({"config": {"a": 1, "b": [1, 2]}, "world_size": 2})
+    t.log_artifact_text("config.yaml", "a: 1\n")
+    for step in range(1, 8):
+        t.log({"train/loss": 1.0 / step, "train/compression/stage0": 4.0}, step)
+    # 5 steps flushed by count, 2 still buffered
+    hist = t.client.get_metric_history(t.run_id, "train/loss")
+    assert [m.step for m in hist] == [1, 2, 3, 4, 5]
+    t.flush()
+    assert len(t.client.get_metric_history(t.run_id, "train/loss")) == 7
+    t.finish("KILLED")
+    run_id = t.run_id
+
+    r = MlflowTracker(uri, "unit", run_id=run_id)
+    r.log_params({"config": {"a": 1, "b": [1, 2]}, "world_size": 2, "new": 3})  # re-logging is fine
+    r.log({"train/loss": 0.01}, 8)
+    r.finish()
+    run = r.client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["restart_count"] == "1" and run.data.tags["slurm.job_id"] == "777"
+    assert run.data.params["config.a"] == "1" and run.data.params["new"] == "3"
+    assert [m.step for m in r.client.get_metric_history(run_id, "train/loss")] == list(range(1, 9))
+    assert [a.path for a in r.client.list_artifacts(run_id)] == ["config.yaml"]

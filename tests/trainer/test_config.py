@@ -1,0 +1,92 @@
+"""Typed experiment config, the DeepSpeed config resolution, the launcher env mapping."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from parallel.distributed import map_launcher_env, slurm_port
+from parallel.engine import resolve_ds_config
+from pretrain.config import ConfigError, load_config
+from trainer_harness import REPO, TINY
+
+CONFIGS = REPO / "pretrain" / "configs"
+
+
+def test_yaml_and_dotted_overrides():
+    cfg = load_config(TINY, ["train.steps=7", "optim.betas=[0.8, 0.9]", "model.ssm_cfg.d_state=8",
+                             "tracking.enabled=false", "optim.lr=1"], validate=False)
+    assert cfg.train.steps == 7 and cfg.optim.betas == [0.8, 0.9] and cfg.tracking.enabled is False
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    md = cfg.model_dict()
+    assert md["ssm_cfg"]["d_state"] == 8 and md["ssm_cfg"]["headdim"] == 16  # merged, not replaced
+    assert md["ratio_targets"] == [4.0]
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.stpes=3", "train.stpes"), ("nonsense=1", "nonsense"), ("train.steps=abc", "train.steps"),
+    ("train.steps=1.5", "train.steps"), ("optim.betas=0.9", "optim.betas"), ("tracking.enabled=maybe", "tracking.enabled"),
+    ("schedule.name=step", "schedule.name"), ("train.precision=fp8", "train.precision"), ("train.steps", "train.steps"),
+])
+def test_errors_name_the_key(override, named, demo_shards):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(TINY, [f"data.train_index=[{demo_shards['train']}]", override])
+
+
+def test_missing_index_and_empty_list_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="data.train_index is empty"):
+        load_config(TINY, ["data.train_index=[]"])
+    with pytest.raises(ConfigError, match="no such shard index"):
+        load_config(TINY, [f"data.train_index=[{tmp_path / 'nope.json'}]"])
+
+
+@pytest.mark.parametrize("name", ["demo", "tiny", "small", "hnet_1stage_L", "hnet_2stage_L"])
+def test_shipped_configs_parse_and_resolve_the_model(name):
+    from pretrain.model import HNetConfig
+
+    cfg = load_config(str(CONFIGS / f"{name}.yaml"), validate=False)
+    model = HNetConfig.from_dict(cfg.model_dict())
+    if name == "hnet_1stage_L":
+        assert model.d_model == [1024, 1536] and model.num_stages == 1
+    if name == "hnet_2stage_L":
+        assert model.num_stages == 2 and model.ratio_targets == [3.0, 3.0]
+    for stage in (3, 1, 2):
+        c = load_config(str(CONFIGS / f"{name}.yaml"), [f"train.ds_config=ds_configs/zero{stage}.json"], validate=False)
+        ds = resolve_ds_config(c, world_size=4)
+        assert ds["zero_optimization"]["stage"] == stage and ds["train_batch_size"] == 4
+        assert ds["gradient_clipping"] == c.optim.grad_clip
+
+
+def test_ds_config_contradictions(tmp_path):
+    base = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    cases = {
+        "gradient_clipping": ({"gradient_clipping": 0.3}, "gradient_clipping"),
+        "gas": ({"gradient_accumulation_steps": 8}, "gradient_accumulation_steps"),
+        "bf16": ({"bf16": {"enabled": True}}, "train.precision"),
+        "optimizer": ({"optimizer": {"type": "Adam"}}, "optimizer"),
+    }
+    for name, (extra, needle) in cases.items():
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps({**base, **extra}))
+        cfg = load_config(TINY, [f"train.ds_config={p}"], validate=False)
+        with pytest.raises(ConfigError, match=needle):
+            resolve_ds_config(cfg, 2)
+    # Agreeing values are accepted.
+    p = tmp_path / "agree.json"
+    p.write_text(json.dumps({**base, "gradient_clipping": 1.0, "bf16": {"enabled": False}}))
+    resolve_ds_config(load_config(TINY, [f"train.ds_config={p}"], validate=False), 2)
+    with pytest.raises(ConfigError, match="ds_overrides.train_batch_size"):
+        resolve_ds_config(load_config(TINY, ["train.ds_overrides={train_batch_size: 2}"], validate=False), 2)
+
+
+def test_launcher_env_mapping():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"}
+    m = map_launcher_env(torchrun)
+    assert (m["RANK"], m["WORLD_SIZE"], m["LOCAL_RANK"], m["MASTER_ADDR"], m["_LAUNCHER"]) == ("3", "8", "1", "n1", "torchrun")
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+             "SLURM_JOB_NODELIST": "localhost"}
+    m = map_launcher_env(slurm)
+    assert (m["RANK"], m["WORLD_SIZE"], m["LOCAL_RANK"], m["MASTER_ADDR"]) == ("5", "8", "1", "localhost")
+    assert m["MASTER_PORT"] == str(slurm_port("4242")) and m["_LAUNCHER"] == "slurm"
+    m = map_launcher_env({})
+    assert (m["RANK"], m["WORLD_SIZE"], m["_LAUNCHER"]) == ("0", "1", "single") and int(m["MASTER_PORT"]) > 0
