@@ -88,7 +88,7 @@ class CausalMHA(nn.Module):
         if self.rotary_emb_dim > 0:
             cos, sin = rotary_cos_sin(seqs.position_ids, self.rotary_emb_dim, self.rotary_base)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        flash = kernels.flash_varlen_attention(x)
+        flash = kernels.flash_varlen_attention(q)  # q's dtype: bf16 under autocast even for an fp32 input
         if flash is not None:
             out = flash(torch.stack([q, k, v], dim=1), seqs.cu_seqlens, seqs.max_seqlen, causal=True,
                         window_size=(self.window_size, -1))
@@ -108,4 +108,4 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, gate = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(F.silu(gate) * y)
+        return self.fc2((F.silu(upcast(gate)) * upcast(y)).to(y.dtype))  # one rounding, as the fused swiglu

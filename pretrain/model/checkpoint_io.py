@@ -34,26 +34,50 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         raise CheckpointMismatchError(f"{source} does not match the model config: {problem}")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def _load_weights_only(path: Path):
+    """torch.load restricted to tensors and plain containers. The public H-Net checkpoints may hold
+    omegaconf containers (the public loader allow-lists omegaconf's ListConfig), so those classes
+    are allow-listed too when omegaconf is installed; nothing else is unpickled."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:
+        try:
+            import omegaconf
+            from omegaconf.base import ContainerMetadata, Metadata
+        except ImportError:
+            raise first from None
+        allowed = [omegaconf.ListConfig, omegaconf.DictConfig, ContainerMetadata, Metadata, omegaconf.nodes.AnyNode]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read a .pt state dict safely (weights only, no pickled code). Accepts a bare state dict
-    or one wrapped as {"model": ...} / {"state_dict": ...}."""
+    or one wrapped as {"model": ...} / {"state_dict": ...}; entries that are not tensors are
+    dropped. trust_pickle=True allows arbitrary pickles: only for files you trust."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=False) if trust_pickle else _load_weights_only(path)
     except Exception as e:
-        raise CheckpointMismatchError(f"{path}: cannot be read as a weights-only torch checkpoint ({e})") from e
+        raise CheckpointMismatchError(
+            f"{path}: cannot be read as a weights-only torch checkpoint ({e}); if the file holds other "
+            f"pickled objects and you trust it, pass trust_pickle=True") from e
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointMismatchError(f"{path}: expected a state dict of tensors")
-    return obj
+    if not isinstance(obj, dict):
+        raise CheckpointMismatchError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointMismatchError(f"{path}: holds no tensors")
+    return tensors
 
 
 def load_public_checkpoint(path: str | Path, config: HNetConfig | str | Path | None = None,
-                           device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+                           device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                           trust_pickle: bool = False):
     """Build an HNetForCausalLM and load a public-format state dict into it with strict=True.
 
     config: an HNetConfig, a path to its JSON, or None to read `<checkpoint>.json` or
@@ -73,7 +97,7 @@ def load_public_checkpoint(path: str | Path, config: HNetConfig | str | Path | N
                                     f"beside {path}")
     if not isinstance(config, HNetConfig):
         config = HNetConfig.from_json(config)
-    state_dict = read_state_dict(path)
+    state_dict = read_state_dict(path, trust_pickle=trust_pickle)
     with torch.device("meta"):
         model = HNetForCausalLM(config)
     check_state_dict(model, state_dict, str(path))

@@ -70,7 +70,14 @@ class HNetConfig:
         if isinstance(self.ssm_cfg, dict):
             self.ssm_cfg = _build(SSMConfig, self.ssm_cfg, "ssm_cfg")
         if isinstance(self.attn_cfg, dict):
-            self.attn_cfg = _build(AttnConfig, self.attn_cfg, "attn_cfg")
+            n_levels = len(self.d_model) if isinstance(self.d_model, list) else 1
+            # The public format also allows one value for every level: broadcast it.
+            attn = {k: [v] * n_levels if isinstance(v, (int, float)) else v for k, v in self.attn_cfg.items()}
+            self.attn_cfg = _build(AttnConfig, attn, "attn_cfg")
+        for k, v in vars(self.ssm_cfg).items():
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"ssm_cfg.{k}: expected one integer for every stage, got {v!r} "
+                                  f"(per-stage SSM settings are not supported)")
         if self.ratio_targets is None:
             # The paper's settings: N = 6 for one stage, N = 3 per stage when nested.
             self.ratio_targets = [6.0] if self.num_stages == 1 else [3.0] * self.num_stages

@@ -50,7 +50,8 @@ class HNet(nn.Module):
             return self.main_network(hidden, seqs)[..., :d_in], []
 
         hidden = self.encoder(hidden, seqs)
-        residual = self.residual_proj(hidden.to(self.residual_proj.weight.dtype))
+        with torch.autocast(hidden.device.type, enabled=False):  # the skip path stays fp32 under autocast
+            residual = self.residual_proj(hidden.to(self.residual_proj.weight.dtype))
         routing = self.routing_module(hidden, seqs)
         inner, inner_seqs = chunk(hidden, routing, seqs)
         inner, inner_routing = self.main_network(inner, inner_seqs)

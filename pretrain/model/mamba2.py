@@ -83,12 +83,15 @@ class Mamba2(nn.Module):
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         seq_idx = seqs.seq_idx
 
-        fused_conv = kernels.causal_conv1d(u)
+        # causal_conv1d wants channel-last memory and, with seq_idx, a channel stride that is a
+        # multiple of 8: give it a contiguous copy, and use it only for such widths.
+        fused_conv = kernels.causal_conv1d(u) if self.conv_dim % 8 == 0 else None
         if fused_conv is not None:
-            xBC = fused_conv(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+            xBC = fused_conv(xBC.contiguous().transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
                              seq_idx=seq_idx, activation="silu").transpose(1, 2)
-        else:
-            xBC = F.silu(causal_conv1d_reset(xBC, self.conv1d.weight, self.conv1d.bias, seq_idx))
+        else:  # multiply-adds in fp32, as the fused kernel accumulates
+            xBC = F.silu(causal_conv1d_reset(upcast(xBC), upcast(self.conv1d.weight), upcast(self.conv1d.bias),
+                                             seq_idx)).to(xBC.dtype)
 
         x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         x = x.reshape(b, l, self.nheads, self.headdim)
@@ -102,7 +105,8 @@ class Mamba2(nn.Module):
                            dt_bias=self.dt_bias, dt_softplus=True, seq_idx=seq_idx)
         else:
             dt = F.softplus(upcast(dt) + upcast(self.dt_bias))
-            y = ssd_scan(x, dt, A, B, C, kernels.pure_ssd_chunk_size(u, self.chunk_size), seq_idx)
-            y = y + x * self.D.to(y.dtype).unsqueeze(-1)
+            # the D skip is added before the one rounding to the model dtype, as in the fused kernel
+            y = ssd_scan(upcast(x), dt, A, B, C, kernels.pure_ssd_chunk_size(u, self.chunk_size), seq_idx)
+            y = (y + upcast(x) * upcast(self.D).unsqueeze(-1)).to(x.dtype)
         y = self.norm(y.reshape(b, l, self.d_inner), z)
         return self.out_proj(y)

@@ -22,8 +22,13 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     x: (b, l, h, p); dt: (b, l, h) positive step sizes (softplus already applied);
     A: (h,) negative decay rates; B, C: (b, l, g, n) with h % g == 0;
     seq_idx: (b, l) int, non-decreasing document index (None = one document per row).
-    Returns y: (b, l, h, p) in x's dtype (computed in fp32 or better).
+    Returns y: (b, l, h, p) in x's dtype (computed in fp32 or better, also under autocast).
     """
+    with torch.autocast(x.device.type, enabled=False):
+        return _ssd_scan(x, dt, A, B, C, chunk_size, seq_idx)
+
+
+def _ssd_scan(x, dt, A, B, C, chunk_size, seq_idx):
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     out_dtype = x.dtype

@@ -106,3 +106,34 @@ def test_yaml_and_json_give_the_same_config(tmp_path):
     (tmp_path / "m.yaml").write_text(yaml.safe_dump({"model": data}))
     assert HNetConfig.from_yaml(tmp_path / "m.yaml") == HNetConfig.from_json(FIXTURES / "hnet_2stage_XL.json")
     assert HNetConfig.from_json(FIXTURES / "hnet_2stage_XL.json").ratio_targets == [3.0, 3.0]
+
+
+def test_attn_scalars_broadcast_and_ssm_lists_are_refused():
+    d = base_dict()
+    d["attn_cfg"] = dict(num_heads=2, rotary_emb_dim=8, window_size=-1)
+    cfg = HNetConfig.from_dict(d)
+    assert cfg.attn_cfg.num_heads == [2, 2] and cfg.attn_cfg.window_size == [-1, -1]
+    d = base_dict()
+    d["ssm_cfg"]["d_state"] = [8, 16]
+    with pytest.raises(ConfigError, match=r"ssm_cfg\.d_state"):
+        HNetConfig.from_dict(d)
+
+
+class Opaque:  # a pickled class instance: not loadable weights-only
+    pass
+
+
+def test_checkpoint_with_non_tensor_entries_and_pickles(tmp_path):
+    """Non-tensor entries are dropped; a pickled object is refused unless trust_pickle=True."""
+    model = tiny_model(1)
+    sd = dict(model.state_dict())
+    torch.save({"model": sd, "step": 7}, tmp_path / "wrapped.pt")
+    (tmp_path / "wrapped.json").write_text(json.dumps(model.config.to_dict()))
+    loaded = load_public_checkpoint(tmp_path / "wrapped.pt")
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+    torch.save({**sd, "extra": Opaque()}, tmp_path / "pickled.pt")
+    with pytest.raises(CheckpointMismatchError, match="trust_pickle"):
+        load_public_checkpoint(tmp_path / "pickled.pt", tmp_path / "wrapped.json")
+    trusted = load_public_checkpoint(tmp_path / "pickled.pt", tmp_path / "wrapped.json", trust_pickle=True)
+    assert torch.equal(trusted.lm_head.weight, model.lm_head.weight)

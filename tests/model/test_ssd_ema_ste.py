@@ -101,3 +101,18 @@ def test_ratio_loss_equation_10():
         best = grid[values.argmin()]
         assert abs(float(best) - 1 / N) < 2e-3
         assert abs(float(values.min()) - 1.0) < 1e-5
+
+
+def test_skip_path_and_scan_stay_fp32_under_bf16_autocast():
+    from tests.model.conftest import tiny_model
+
+    model = tiny_model(1)
+    seen = {}
+    model.backbone.residual_proj.register_forward_hook(lambda m, i, o: seen.update(residual=o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randint(0, 256, (1, 40)))
+        y = ssd_scan(torch.randn(1, 20, 2, 4), torch.rand(1, 20, 2), -torch.rand(2), torch.randn(1, 20, 1, 3),
+                     torch.randn(1, 20, 1, 3), 8)
+    assert seen["residual"] == torch.float32
+    assert y.dtype == torch.float32
+    assert torch.isfinite(out.logits).all()
