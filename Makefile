@@ -40,4 +40,4 @@ bench: setup
 	for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .cache bench-results runs mlflow.db
+	rm -rf $(VENV) .cache bench-results runs mlflow.db mlartifacts demo-data

@@ -17,19 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# The cost model counts attention pairs exactly as the model's FLOP estimate does.
+from pretrain.model.flops import attention_pairs as pairs
+
 from .packer import Piece, cut_piece, split_piece
-
-
-def pairs(m: float, window: float | None) -> float:
-    """Causal (query, key) pairs over m positions. With a window w (flash-attn's window_size=(w, 0),
-    the model's convention) a query sees at most w + 1 keys: itself and the w before it.
-    None or a negative window means full causal attention."""
-    if m <= 0:
-        return 0.0
-    if window is None or window < 0 or m <= window + 1:
-        return m * (m + 1) / 2
-    w1 = window + 1
-    return w1 * (w1 + 1) / 2 + (m - w1) * w1
 
 
 class DocCostModel:

@@ -46,8 +46,10 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 def slurm_port(job_id: str) -> int:
-    """A port derived from the job id, so every task of a job agrees without talking."""
-    return 20000 + int(job_id) % 20000
+    """A port derived from the job id, so every task of a job agrees without talking. The same
+    formula as cluster/launch.sh (the wrapper train.sbatch uses); this mapping is the fallback for
+    a bare `srun python -m pretrain.train`."""
+    return 15000 + int(job_id) % 15000
 
 
 def map_launcher_env(env: dict | None = None) -> dict[str, str]:

@@ -90,6 +90,7 @@ class TrainSection:
     eval_max_steps: int = 0  # 0 = the whole held-out set
     deterministic: bool = False  # torch.use_deterministic_algorithms (exact-resume tests)
     peak_tflops: float = 0.0  # per device, for perf/mfu; 0 = look up by GPU name
+    collective_timeout_s: float = 900.0  # a collective waiting longer (a hung or dead peer) fails the rank
 
 
 @dataclass
@@ -118,6 +119,7 @@ class DebugSection:
     nan_at_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps
     hang_at_step: int = 0  # sleep forever after this step (and its checkpoint): SIGKILL tests
     crash_in_save_at_step: int = 0  # one rank dies in the middle of saving this step
+    raise_at_step: int = 0  # rank crash_rank raises an exception at the start of this step
     crash_rank: int = 1
     log_keys: bool = False  # write each step's document keys to train_log.jsonl
 

@@ -256,7 +256,7 @@ def train(cfg: ExperimentConfig) -> str:
             raise TrainingError(f"refusing to resume: checkpoint {resume_tag} was written by train.engine="
                                 f"{meta.get('engine')!r}, this run uses {cfg.train.engine!r}")
 
-    init_process_group(info, use_deepspeed=use_ds)
+    init_process_group(info, use_deepspeed=use_ds, timeout_s=cfg.train.collective_timeout_s)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -357,6 +357,8 @@ def train(cfg: ExperimentConfig) -> str:
         last_log_t, last_log_step = time.perf_counter(), step
         while step < cfg.train.steps:
             step += 1
+            if cfg.debug.raise_at_step == step and info.rank == cfg.debug.crash_rank:
+                raise RuntimeError(f"debug.raise_at_step: rank {info.rank} fails at step {step}")
             t0 = time.perf_counter()
             batch = next(it)
             t1 = time.perf_counter()
@@ -506,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         status = train(cfg)
+        # srun forwards a second copy of a preemption signal; Python restores the default action
+        # (terminate) during shutdown, so a late copy would kill a rank that exited cleanly.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     except (ConfigError, ModelConfigError, TrainingError) as e:
         print(f"[train] error: {e}", file=sys.stderr, flush=True)
         return 2
