@@ -17,7 +17,8 @@ EXTRA=()
 
 echo "== 1/3 demo shards (embedded corpus: Python stdlib sources) -> demo-data/"
 if [ ! -f demo-data/train/index.json ] || [ ! -f demo-data/val/index.json ]; then
-  $PY -m data_pipeline.shard --demo demo-data
+  # 96 KB shards: the ~200 KB held-out split then has a shard for each of the 2 ranks
+  $PY -m data_pipeline.shard --demo demo-data --shard-size 96KB
 else
   echo "demo-data/ already written"
 fi
