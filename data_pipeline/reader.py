@@ -165,6 +165,16 @@ def _worker_main(args: dict, conn, parent_conn, stop) -> None:
         conn.close()
 
 
+def _pipe_size(wanted: int) -> int:
+    """`wanted` capped at the system's pipe-max-size: asking for more fails with EPERM and leaves the
+    default 64 KB buffer, which cut the worker -> consumer transfer from about 1.1 GB/s to 0.35 GB/s."""
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return min(wanted, int(f.read()))
+    except (OSError, ValueError):
+        return wanted
+
+
 class StreamClient:
     """The consumer's handle on one stream: in-process generator or a worker process.
 
@@ -182,7 +192,7 @@ class StreamClient:
             try:
                 import fcntl
 
-                fcntl.fcntl(self._conn.fileno(), _F_SETPIPE_SZ, max(1, prefetch) * _BATCH_BYTES)
+                fcntl.fcntl(self._conn.fileno(), _F_SETPIPE_SZ, _pipe_size(max(1, prefetch) * _BATCH_BYTES))
             except (ImportError, OSError):  # not Linux, or over pipe-max-size: the default buffer
                 pass
             self._stop = ctx.Event()
