@@ -188,7 +188,7 @@ stop_one() {  # stop_one PIDFILE NAME
     local pidfile=$1 name=$2 pid
     if ! pid_alive "$pidfile" "$name"; then log "$name not running"; rm -f "$pidfile"; return; fi
     pid=$(<"$pidfile")
-    kill -TERM "$pid"
+    kill -TERM "$pid" 2>/dev/null || true  # it may be exiting already
     if ! wait_for 20 "$name exit" bash -c "! [[ -d /proc/$pid ]]"; then
         log "$name (pid $pid) ignored SIGTERM for 20 s; sending SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true

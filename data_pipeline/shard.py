@@ -25,6 +25,7 @@ import re
 import sys
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -338,7 +339,7 @@ def shard_files(inputs: list[str], out_dir: str, opts: WriterOptions) -> WriteSu
         for path in files:
             try:
                 yield from read_documents(path, opts, summary)
-            except (OSError, EOFError, ValueError, RuntimeError) as e:
+            except (OSError, EOFError, ValueError, RuntimeError, zlib.error) as e:  # zlib: damaged .gz
                 # a file that breaks half way keeps the documents read before the break
                 summary.skipped_files.append((path, f"unreadable: {e}"))
 

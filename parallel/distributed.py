@@ -66,12 +66,15 @@ def map_launcher_env(env: dict | None = None) -> dict[str, str]:
         out["MASTER_PORT"] = env.get("MASTER_PORT", "29500")
         out["_LAUNCHER"] = "torchrun"
         return out
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    # Only inside an srun step (SLURM_STEP_ID set): the batch script of sbatch/salloc also sees
+    # SLURM_PROCID=0 and SLURM_NTASKS=N, and a plain process there would wait for N-1 peers.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
         job = env.get("SLURM_JOB_ID", "0")
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
+        nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+                    or "localhost")
         return {
             "RANK": env["SLURM_PROCID"],
-            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"],
             "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
             "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(nodelist),
             "MASTER_PORT": env.get("MASTER_PORT") or str(slurm_port(job)),
@@ -123,27 +126,27 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sums a few floats over all ranks (fp64 so byte counts stay exact)."""
+def _reduce(values: list[float], op_name: str) -> list[float]:
+    """All-reduce a few floats (fp64, so byte counts stay exact). NCCL only reduces CUDA tensors,
+    so the vector goes to this rank's GPU under NCCL and stays on the CPU under gloo."""
     if not is_dist():
         return list(values)
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op_name))
+    return t.cpu().tolist()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sums a few floats over all ranks."""
+    return _reduce(values, "SUM")
 
 
 def all_reduce_max(values: list[float]) -> list[float]:
-    if not is_dist():
-        return list(values)
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return _reduce(values, "MAX")
 
 
 def all_gather_object(obj) -> list:

@@ -96,8 +96,11 @@ class CheckpointManager:
         tag_dir = os.path.join(self.root, tag)
         if self.rank == 0:
             os.makedirs(self.root, exist_ok=True)
-            # A leftover of a crashed save of this same step must not be mistaken for complete.
-            if os.path.exists(os.path.join(tag_dir, COMPLETE)):
+            # A leftover of a crashed save of this same step (possibly by more ranks, before a
+            # reshard) must not be mistaken for complete nor leave extra shard files behind.
+            if os.path.isdir(tag_dir) and tag != self.latest_tag():
+                shutil.rmtree(tag_dir)
+            elif os.path.exists(os.path.join(tag_dir, COMPLETE)):
                 os.unlink(os.path.join(tag_dir, COMPLETE))
         barrier()
         if crash_hook:
@@ -136,6 +139,8 @@ class CheckpointManager:
             is_complete = os.path.isfile(os.path.join(self.root, base, COMPLETE))
             stale_partial = not is_complete and step_of(base) < latest_step
             if (is_complete and base not in keep) or stale_partial:
+                if name == base and is_complete:  # unmark first: a crash mid-delete leaves no "complete" half
+                    os.unlink(os.path.join(path, COMPLETE))
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(name)
         return removed

@@ -199,7 +199,9 @@ def build_executor(cfg: ExperimentConfig, info: DistInfo, model_cfg, ds_config: 
     from parallel.step import PlainStep, ZeroStep
     from pretrain.model import HNetForCausalLM, lr_multipliers
 
-    device = torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    # modulo: with --gpus-per-task=1 every task sees a single device 0
+    device = (torch.device(f"cuda:{info.local_rank % torch.cuda.device_count()}") if torch.cuda.is_available()
+              else torch.device("cpu"))
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = HNetForCausalLM(model_cfg)
     if cfg.train.activation_checkpointing:

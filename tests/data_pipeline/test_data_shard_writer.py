@@ -182,3 +182,18 @@ def test_parse_size():
     assert parse_size("1GiB") == 1 << 30
     assert parse_size("64KB") == 64_000
     assert parse_size("4096") == 4096
+
+
+def test_damaged_gzip_input_is_skipped_and_reported(tmp_path):
+    """A .gz whose deflate stream is damaged raises zlib.error, not OSError: skipped, not fatal."""
+    import gzip as _gzip
+
+    src = tmp_path / "in" / "c"
+    src.mkdir(parents=True)
+    (src / "good.txt").write_bytes(b"good document")
+    blob = bytearray(_gzip.compress(b"x" * 5000 + bytes(range(256)) * 40))
+    blob[20:40] = b"\xff" * 20  # corrupt the deflate stream, keep the header
+    (src / "bad.txt.gz").write_bytes(bytes(blob))
+    summary = shard_files([str(tmp_path / "in")], str(tmp_path / "out"), WriterOptions(progress=False))
+    assert summary.documents["train"] == 1
+    assert any("bad.txt.gz" in path for path, _why in summary.skipped_files)

@@ -51,6 +51,19 @@ def test_crash_mid_save_keeps_previous_latest(tmp_path):
     assert not os.path.exists(tmp_path / tag_for(15))
 
 
+def test_resaving_a_crashed_step_leaves_no_stale_shards(tmp_path):
+    """A crashed save of step 40 by more ranks (before a reshard) left an extra shard file; saving
+    step 40 again must not mark that folder complete with the stale file still in it."""
+    mgr = CheckpointManager(str(tmp_path), keep_last=3)
+    save(mgr, 30)
+    os.makedirs(tmp_path / tag_for(40))
+    (tmp_path / tag_for(40) / "zero_pp_rank_2_mp_rank_00_optim_states.pt").write_text("stale")
+    save(mgr, 40)
+    assert mgr.latest_tag() == tag_for(40)
+    assert (tmp_path / tag_for(40) / "shard.bin").exists() and (tmp_path / tag_for(40) / COMPLETE).exists()
+    assert not (tmp_path / tag_for(40) / "zero_pp_rank_2_mp_rank_00_optim_states.pt").exists()
+
+
 @pytest.mark.slow
 def test_mlflow_tracker_buffers_and_resumes_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

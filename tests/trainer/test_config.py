@@ -85,6 +85,9 @@ def test_launcher_env_mapping():
     assert (m["RANK"], m["WORLD_SIZE"], m["LOCAL_RANK"], m["MASTER_ADDR"], m["_LAUNCHER"]) == ("3", "8", "1", "n1", "torchrun")
     slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
              "SLURM_JOB_NODELIST": "localhost"}
+    # the batch script of sbatch (no srun step) sees PROCID/NTASKS too: it is one plain process
+    assert map_launcher_env(slurm)["_LAUNCHER"] == "single"
+    slurm["SLURM_STEP_ID"] = "0"
     m = map_launcher_env(slurm)
     assert (m["RANK"], m["WORLD_SIZE"], m["LOCAL_RANK"], m["MASTER_ADDR"]) == ("5", "8", "1", "localhost")
     assert m["MASTER_PORT"] == str(slurm_port("4242")) and m["_LAUNCHER"] == "slurm"
