@@ -1,5 +1,8 @@
 """Learning-rate schedules: WSD (warmup, stable, decay with inverse-sqrt or linear shape) and cosine.
 
+"inv_sqrt" is the WSD cool-down lr = peak * (1 - sqrt(t)) over the decay phase (t from 0 to 1),
+not lr proportional to 1/sqrt(step).
+
 The schedule gives a factor in [min_lr_ratio, 1] for optimizer step k (1-based); every parameter
 group's lr is peak_lr * factor * lr_mult, where lr_mult is the group's per-stage multiplier
 (eq. 11 of the H-Net paper). The schedule is a pure function of the step, so its saved state is

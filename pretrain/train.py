@@ -276,6 +276,7 @@ def train(cfg: ExperimentConfig) -> str:
     schedule = build_schedule(cfg, cfg.train.steps)
 
     step, bytes_seen, run_id = 0, 0, None
+    bad_run = 0  # consecutive non-finite steps; saved, so a requeue cannot reset the max_bad_steps guard
     if resume_tag:
         universal = False
         load_tag = resume_tag
@@ -295,6 +296,7 @@ def train(cfg: ExperimentConfig) -> str:
             universal, load_tag = True, f"{resume_tag}_universal"
         client = executor.load(ckpts.root, load_tag, universal=universal)
         step, bytes_seen, run_id = int(client["step"]), int(client["bytes_seen"]), client.get("mlflow_run_id")
+        bad_run = int(client.get("bad_steps_in_a_row", 0))
         loader.load_state_dict(client["data_state"])
         schedule.load_state_dict(client["schedule"])
         rngs = client["rng"]
@@ -324,7 +326,6 @@ def train(cfg: ExperimentConfig) -> str:
     timers = {"data_s": 0.0, "step_s": 0.0, "ckpt_s": 0.0, "eval_s": 0.0, "steps": 0}
     log_path = os.path.join(cfg.run_dir, "train_log.jsonl")
     log_file = open(log_path, "a") if info.rank == 0 else None
-    bad_run = 0
     status = STATUS_COMPLETED
     t_start = time.perf_counter()
     start_step = step
@@ -333,7 +334,8 @@ def train(cfg: ExperimentConfig) -> str:
         t0 = time.perf_counter()
         tracker.flush()
         rngs = all_gather_object(rng_state())
-        client = {"step": at_step, "bytes_seen": bytes_seen, "data_state": loader.state_dict(),
+        client = {"step": at_step, "bytes_seen": bytes_seen, "bad_steps_in_a_row": bad_run,
+                  "data_state": loader.state_dict(),
                   "rng": {r: s for r, s in enumerate(rngs)}, "schedule": schedule.state_dict(),
                   "mlflow_run_id": run_id, "config": cfg.to_dict(), "config_hash": cfg.hash(),
                   "world_size": info.world_size}

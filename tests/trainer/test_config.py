@@ -93,3 +93,8 @@ def test_launcher_env_mapping():
     assert m["MASTER_PORT"] == str(slurm_port("4242")) and m["_LAUNCHER"] == "slurm"
     m = map_launcher_env({})
     assert (m["RANK"], m["WORLD_SIZE"], m["_LAUNCHER"]) == ("0", "1", "single") and int(m["MASTER_PORT"]) > 0
+
+
+def test_string_fields_take_dates_and_numbers_as_text():
+    cfg = load_config(None, ["run_dir=2024-06-01", "tracking.run_name=42"], validate=False)
+    assert cfg.run_dir == "2024-06-01" and cfg.tracking.run_name == "42"
