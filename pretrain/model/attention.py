@@ -59,7 +59,7 @@ def sdpa_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedS
     """Attention over packed documents with SDPA and an explicit mask, one span of whole documents
     at a time. q, k, v: (T, H, Dh) -> (T, H, Dh)."""
     outs = []
-    for start, end in document_groups(seqs.cu_seqlens.tolist(), max_span):
+    for start, end in document_groups(seqs.cu_list(), max_span):
         mask = packed_causal_mask(seqs, window, start, end)
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
         outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1))

@@ -157,7 +157,7 @@ class HNetForCausalLM(nn.Module):
             raise ValueError(f"input_ids must hold integer byte ids, got {input_ids.dtype}")
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device read for both bounds
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"input_ids must be byte ids in 0..{self.config.vocab_size - 1}, got values in [{lo}, {hi}]")
         B, L = input_ids.shape

@@ -20,10 +20,17 @@ class PackedSeqs:
     seq_idx: torch.Tensor
     position_ids: torch.Tensor
     max_seqlen: int
+    _cu_list: list[int] | None = None
 
     @property
     def total(self) -> int:
         return self.seq_idx.shape[1]
+
+    def cu_list(self) -> list[int]:
+        """cu_seqlens as Python ints, read from the device once per level (not once per layer)."""
+        if self._cu_list is None:
+            self._cu_list = self.cu_seqlens.tolist()
+        return self._cu_list
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor) -> "PackedSeqs":
