@@ -10,7 +10,8 @@
 #   LOCAL_RANK       <- SLURM_LOCALID         rank on this node (selects the GPU)
 #   LOCAL_WORLD_SIZE <- this node's entry of SLURM_STEP_TASKS_PER_NODE ("2(x3),1" format)
 #   NODE_RANK        <- SLURM_NODEID
-#   MASTER_ADDR      <- first host of SLURM_JOB_NODELIST (scontrol show hostnames)
+#   MASTER_ADDR      <- first host of the step's node list (SLURM_STEP_NODELIST, else
+#                       SLURM_JOB_NODELIST: srun may run on a subset of the job's nodes)
 #   MASTER_PORT      <- 15000 + SLURM_JOB_ID % 15000: the same on every task without any
 #                       exchange, different for concurrent jobs, and below Linux's
 #                       ephemeral range (32768-60999) so no outgoing socket holds it.
@@ -74,16 +75,17 @@ fi
 # The first host of the node list. scontrol knows every nodelist syntax; without it
 # (no slurm.conf) the common forms "host", "host,host" and "pre[003-005,9],..." still work.
 # (scontrol retries for 60 s when it finds no configuration, hence the timeout.)
+nodelist=${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}
 first_host=""
-if [[ $SLURM_JOB_NODELIST == *[* ]] && command -v scontrol >/dev/null 2>&1; then
-    first_host=$(timeout 10 scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1) || first_host=""
+if [[ $nodelist == *[* ]] && command -v scontrol >/dev/null 2>&1; then
+    first_host=$(timeout 10 scontrol show hostnames "$nodelist" 2>/dev/null | head -n 1) || first_host=""
 fi
 if [[ -z $first_host ]]; then
-    if [[ $SLURM_JOB_NODELIST =~ ^([^],[]+)(\[([0-9]+))? ]]; then
+    if [[ $nodelist =~ ^([^],[]+)(\[([0-9]+))? ]]; then
         first_host=${BASH_REMATCH[1]}${BASH_REMATCH[3]}
     fi
 fi
-[[ -n $first_host ]] || die "cannot find the first host in SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST'"
+[[ -n $first_host ]] || die "cannot find the first host in the node list '$nodelist'"
 
 port=${HNET_MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
 [[ $port =~ ^[0-9]+$ ]] && (( port > 0 && port < 65536 )) || die "MASTER_PORT '$port' is not a TCP port"

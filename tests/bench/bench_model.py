@@ -93,8 +93,7 @@ def bench_throughput():
         hnet = HNetForCausalLM(config)
         iso_config = isotropic_match(config, config.ratio_targets, 1024)
         iso = HNetForCausalLM(iso_config)
-        # measure H-Net at its learned target compression: set the routing so that about 1/N
-        # of positions are boundaries is not possible at init; report the compression it ran at.
+        # An untrained H-Net runs at its init compression (about 2), not at its target; report it.
         with torch.no_grad():
             comp = hnet(torch.randint(0, 256, (1, 4096))).stages[0].compression_ratio.item()
         hnet_bps = fwd_bwd_bytes_per_s(hnet)

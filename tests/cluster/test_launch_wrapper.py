@@ -140,3 +140,8 @@ def test_under_real_srun(slurm_cluster):
         assert got["WORLD_SIZE"] == got["LOCAL_WORLD_SIZE"] == "2"
         assert got["MASTER_ADDR"] == "localhost"
     assert by_rank[0]["MASTER_PORT"] == by_rank[1]["MASTER_PORT"]
+
+
+def test_master_is_first_host_of_the_step_not_the_job():
+    got = mapped(one_task(SLURM_JOB_NODELIST="a1,b2,c3", SLURM_STEP_NODELIST="b2,c3"))
+    assert got["MASTER_ADDR"] == "b2"

@@ -48,6 +48,8 @@ def test_two_ranks_gas1_equals_one_rank_gas2_equals_plain(tmp_path):
         assert run["losses"] == pytest.approx(plain["losses"], abs=1e-5), f"{name}: losses differ from plain PyTorch"
         assert set(run["params"]) == set(plain["params"])
         diff, where = _max_diff(run["params"], plain["params"])
+        loss_diff = max(abs(a - b) for a, b in zip(run["losses"], plain["losses"]))
+        print(f"{name} vs plain PyTorch after 3 steps: max loss diff {loss_diff:.2e}, max param diff {diff:.2e}")
         assert diff < 1e-5, f"{name}: parameter {where} differs from plain PyTorch by {diff}"
     # The parameters really moved (otherwise equal parameters would prove nothing).
     moved, _ = _max_diff(plain["params"], plain["init_params"])
