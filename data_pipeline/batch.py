@@ -12,8 +12,10 @@ IGNORE_INDEX = -100  # label value for positions without a target (last byte of 
 class MicroBatch:
     """Documents packed into one row.
 
-    input_ids:  (1, T) int64 byte ids in 0..255 (BOS = 254 where a document starts).
-    labels:     (1, T) int64 next byte within the same document, IGNORE_INDEX where there is none.
+    input_ids:  (1, T) uint8 byte ids (BOS = 254 where a document starts).
+    labels:     (1, T) int16 next byte within the same document, IGNORE_INDEX where there is none.
+    Both stay narrow on the host (3 bytes per position, not 16); the model widens them to int64
+    on its device.
     cu_seqlens: (n_docs + 1,) int32 document boundaries in the row, cu_seqlens[-1] == T.
     n_bytes:    real bytes in the row (T minus any padding added by row rounding).
     n_targets:  positions whose label is not IGNORE_INDEX (what the token-weighted loss counts).

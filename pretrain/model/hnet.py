@@ -171,7 +171,7 @@ class HNetForCausalLM(nn.Module):
             raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids shape {tuple(input_ids.shape)}")
         seqs = PackedSeqs.from_cu_seqlens(cu_seqlens.to(input_ids.device))
 
-        hidden = self.embeddings(input_ids.reshape(1, B * L))
+        hidden = self.embeddings(input_ids.reshape(1, B * L).long())  # packed rows arrive as uint8
         hidden, routing = self.backbone(hidden, seqs)
         logits = self.lm_head(hidden).float().view(B, L, -1)
 
@@ -185,7 +185,7 @@ class HNetForCausalLM(nn.Module):
         out.stages = stats
         out.ratio_loss = (self.config.ratio_alpha * sum(s.ratio_loss for s in stats)) if stats else logits.new_zeros(())
         if labels is not None:
-            flat = labels.reshape(-1).to(logits.device)
+            flat = labels.reshape(-1).to(logits.device).long()  # packed rows arrive as int16
             out.loss_sum = F.cross_entropy(logits.view(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX,
                                            reduction="sum")
             out.n_targets = (flat != IGNORE_INDEX).sum()

@@ -15,7 +15,7 @@ def test_pack_row_labels_and_cu_seqlens():
     assert mb.input_ids.tolist() == [[BOS, a, b, c, BOS, 255, 0]]
     assert mb.labels.tolist() == [[a, b, c, IGNORE_INDEX, 255, 0, IGNORE_INDEX]]
     assert mb.cu_seqlens.tolist() == [0, 4, 7] and mb.cu_seqlens.dtype == torch.int32
-    assert mb.input_ids.dtype == torch.int64 and mb.input_ids.shape == (1, 7)
+    assert mb.input_ids.dtype == torch.uint8 and mb.labels.dtype == torch.int16 and mb.input_ids.shape == (1, 7)
     assert (mb.n_bytes, mb.n_targets, mb.capacity, mb.keys) == (7, 5, 16, ["s:a", "s:b"])
 
 
