@@ -130,26 +130,83 @@ def iter_stream(shards: list[ShardInfo], plan, position, epoch: int, seed: int, 
 # ------------------------------------------------------------------ worker processes
 
 _BATCH_EVENTS = 64
-_BATCH_BYTES = 1 << 20
-_F_SETPIPE_SZ = 1031  # Linux fcntl: a larger pipe buffer is the prefetch depth
+_BATCH_BYTES = 1 << 20  # also the size of one shared-memory slot
+_F_SETPIPE_SZ = 1031  # Linux fcntl: a larger pipe buffer is the prefetch depth of the pipe transport
 
 
-def _worker_main(args: dict, conn, parent_conn, stop) -> None:
-    """Runs one stream in a worker process; events go to the consumer in batches over a pipe.
+class _Slots:
+    """Shared memory between a worker and its consumer: `n` slots of _BATCH_BYTES, used in turn.
 
-    The pipe is the only channel: a send blocks while the consumer is `prefetch` batches behind,
-    and fails (BrokenPipeError) once the consumer has closed its end, which ends the worker."""
+    A worker copies a batch's documents into the next slot and sends only the events (with
+    (offset, length) in place of the bytes) over the pipe; the consumer copies the documents out
+    and frees the slot. Pickling the documents through the pipe instead costs the consumer a
+    read, a buffer copy and an unpickle per byte: with 2 workers on 2 cores that made the
+    consumer the bottleneck. `free` counts free slots, so the slot count bounds the prefetch.
+    Anonymous shared memory is inherited by fork only; other start methods use the pipe alone."""
+
+    def __init__(self, ctx, n: int):
+        import mmap
+
+        self.n = n
+        self.mem = mmap.mmap(-1, n * _BATCH_BYTES)
+        self.free = ctx.Semaphore(n)
+
+    def acquire(self, stop) -> bool:
+        """Wait for a free slot; False once the consumer has asked the worker to stop."""
+        while not self.free.acquire(timeout=0.2):
+            if stop.is_set():
+                return False
+        return True
+
+
+def _send_batch(conn, batch: list, slots: _Slots | None, slot: int, stop) -> int:
+    """Send one batch; returns the slot the next batch uses (-1: stop requested)."""
+    if slots is None:
+        conn.send((None, batch))
+        return slot
+    if stop.is_set():
+        return -1
+    base, off, out = slot * _BATCH_BYTES, 0, []
+    for ev in batch:
+        if ev[0] == "doc" and off + len(ev[5]) <= _BATCH_BYTES:
+            n = len(ev[5])
+            slots.mem[base + off:base + off + n] = ev[5]
+            ev = ev[:5] + ((off, n),)
+            off += n
+        out.append(ev)  # a document larger than a slot travels in the pickle
+    conn.send((slot, out))
+    nxt = (slot + 1) % slots.n
+    return nxt if slots.acquire(stop) else -1
+
+
+def _worker_main(args: dict, conn, parent_conn, stop, slots: _Slots | None = None) -> None:
+    """Runs one stream in a worker process; events go to the consumer in batches.
+
+    The pipe carries every batch (the documents themselves go through `slots` when there are
+    any): a send blocks while the consumer is `prefetch` batches behind, and fails
+    (BrokenPipeError) once the consumer has closed its end, which ends the worker."""
     parent_conn.close()  # the inherited read end: without it, a closed consumer means BrokenPipeError here
     batch, nbytes = [], 0
+    slot = 0
     try:
+        if slots is not None and not slots.acquire(stop):
+            return
         for ev in iter_stream(**args):
+            n = len(ev[5]) if ev[0] == "doc" else 0
+            if batch and nbytes + n > _BATCH_BYTES:  # keep a batch within one slot
+                slot = _send_batch(conn, batch, slots, slot, stop)
+                batch, nbytes = [], 0
+                if slot < 0:
+                    return
             batch.append(ev)
-            nbytes += len(ev[5]) if ev[0] == "doc" else 0
+            nbytes += n
             if len(batch) >= _BATCH_EVENTS or nbytes >= _BATCH_BYTES or ev[0] != "doc":
                 if stop.is_set():
                     return
-                conn.send(batch)
+                slot = _send_batch(conn, batch, slots, slot, stop)
                 batch, nbytes = [], 0
+                if slot < 0:
+                    return
             if ev[0] == "end":
                 return
     except (BrokenPipeError, ConnectionResetError):
@@ -158,7 +215,7 @@ def _worker_main(args: dict, conn, parent_conn, stop) -> None:
         batch.append(("error", f"{type(e).__name__}: {e}", getattr(e, "shard", ""), getattr(e, "key", ""),
                       traceback.format_exc()))
         try:
-            conn.send(batch)
+            conn.send((None, batch))
         except OSError:
             pass
     finally:
@@ -182,22 +239,25 @@ class StreamClient:
     way through a batch, the read ends with EOF and the death is reported, never a hang.
     """
 
-    def __init__(self, args: dict, use_process: bool, prefetch: int = 8, mp_context: str = "fork"):
+    def __init__(self, args: dict, use_process: bool, prefetch: int = 8, mp_context: str = "fork",
+                 shared_memory: bool = True):
         self.args = args
         self._buf: deque = deque()
         self._proc = None
         if use_process:
             ctx = mp.get_context(mp_context)
             self._conn, child_conn = ctx.Pipe(duplex=False)
-            try:
-                import fcntl
+            self._slots = _Slots(ctx, max(1, prefetch)) if shared_memory and mp_context == "fork" else None
+            if self._slots is None:
+                try:
+                    import fcntl
 
-                fcntl.fcntl(self._conn.fileno(), _F_SETPIPE_SZ, _pipe_size(max(1, prefetch) * _BATCH_BYTES))
-            except (ImportError, OSError):  # not Linux, or over pipe-max-size: the default buffer
-                pass
+                    fcntl.fcntl(self._conn.fileno(), _F_SETPIPE_SZ, _pipe_size(max(1, prefetch) * _BATCH_BYTES))
+                except (ImportError, OSError):  # not Linux, or over pipe-max-size: the default buffer
+                    pass
             self._stop = ctx.Event()
-            self._proc = ctx.Process(target=_worker_main, args=(args, child_conn, self._conn, self._stop), daemon=True,
-                                     name=f"data-stream-{args['stream']}")
+            self._proc = ctx.Process(target=_worker_main, daemon=True, name=f"data-stream-{args['stream']}",
+                                     args=(args, child_conn, self._conn, self._stop, self._slots))
             self._proc.start()
             child_conn.close()  # ours closed: the pipe reports EOF as soon as the worker is gone
         else:
@@ -212,7 +272,7 @@ class StreamClient:
                     if not self._proc.is_alive() and not self._conn.poll(0.5):
                         raise EOFError
                     continue
-                self._buf.extend(self._conn.recv())
+                self._receive()
             except (EOFError, OSError):
                 self._proc.join(1.0)
                 raise RuntimeError(f"data worker for stream {self.args['stream']} died "
@@ -222,6 +282,17 @@ class StreamClient:
             raise DataError(f"data worker for stream {self.args['stream']} failed: {ev[1]}\n{ev[4]}",
                             shard=ev[2], key=ev[3])
         return ev
+
+    def _receive(self) -> None:
+        slot, batch = self._conn.recv()
+        if slot is not None:
+            mem, base = self._slots.mem, slot * _BATCH_BYTES
+            for i, ev in enumerate(batch):
+                if ev[0] == "doc" and isinstance(ev[5], tuple):
+                    off, n = ev[5]
+                    batch[i] = ev[:5] + (mem[base + off:base + off + n],)
+            self._slots.free.release()  # copied out: the worker may fill this slot again
+        self._buf.extend(batch)
 
     def request_stop(self) -> None:
         """Tell the worker to stop (close() waits for it); lets several workers stop in parallel."""

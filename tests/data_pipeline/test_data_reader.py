@@ -188,3 +188,31 @@ def test_pipe_url_shards(shard_set, tmp_path):
     (tmp_path / "index.json").write_text(json.dumps(meta))
     got = reassemble(_mbs(_collect(BalancedStepLoader([str(tmp_path / "index.json")], C, STEP, epochs=1))))
     assert sorted(got.values()) == sorted(expected.values())
+
+
+def test_worker_transports_give_the_same_stream(tmp_path):
+    """Documents handed over in shared-memory slots (fork) and under the spawn start method: the
+    same steps as pickled through the pipe (two streams, so not the in-process order). prefetch=1 makes the worker wait
+    for its one slot to be freed before every batch; a 1.28 MB document is larger than a slot and
+    travels in the pickle."""
+    docs = lognormal_docs(120, seed=5)
+    docs.insert(60, bytes(range(256)) * 5000)  # 1.28 MB
+    index, _ = write_shard_set(str(tmp_path), docs, docs_per_shard=11)
+    ref = [step_digest(s) for s in BalancedStepLoader([index], C, STEP, num_workers=2, epochs=2, seed=4,
+                                                      shared_memory=False)]
+    assert len(ref) > 2 * 1_280_000 // STEP
+    for kw in (dict(prefetch=1), dict(prefetch=3), dict(mp_context="spawn")):
+        got = [step_digest(s) for s in BalancedStepLoader([index], C, STEP, num_workers=2, epochs=2, seed=4, **kw)]
+        assert got == ref, kw
+
+
+def test_close_stops_a_worker_waiting_for_a_slot(shard_set):
+    loader = BalancedStepLoader([shard_set[0]], C, STEP, num_workers=2, prefetch=1)
+    it = iter(loader)
+    next(it)
+    procs = [c._proc for c in loader._clients]
+    time.sleep(0.5)  # both workers have filled their slot and wait for it to be freed
+    t0 = time.monotonic()
+    it.close()
+    assert not any(p.is_alive() for p in procs)
+    assert time.monotonic() - t0 < 5
