@@ -16,7 +16,8 @@ and raises DataError under the fail policy. After "epoch_end" a stream goes on i
 epoch with its fresh plan; the consumer decides when to read on (all ranks move epochs together).
 
 Streams run in the main process (num_workers=0) or in worker processes that prefetch batches of
-events into a pipe (its buffer bounds the prefetch); the consumer tracks positions from the
+events (documents in shared-memory slots under fork, see _Slots; otherwise pickled into the
+pipe, whose buffer then bounds the prefetch); the consumer tracks positions from the
 events it has *consumed*, so prefetched events never count, and a resume restarts the workers at
 the consumed positions.
 """
