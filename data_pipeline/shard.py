@@ -59,6 +59,7 @@ class WriterOptions:
     prefix: str = "shard"
     include: str | None = None             # glob on file names inside directories, e.g. '*.txt'
     progress: bool = True
+    overwrite: bool = False                # replace the shards of an earlier run in the same output folder
 
 
 @dataclass
@@ -187,18 +188,26 @@ def _fsync_dir(path: str) -> None:
 
 # ---------------------------------------------------------------- inputs -> documents
 
-def expand_inputs(inputs: list[str], include: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
-    """Files named by paths, directories (recursive, hidden entries skipped) and globs; sorted, unique."""
+def expand_inputs(inputs: list[str], include: str | None = None,
+                  exclude_dir: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files named by paths, directories (recursive, hidden entries skipped) and globs; sorted, unique.
+
+    Files under `exclude_dir` (the output folder, when it lies inside an input directory) are
+    left out: sharding them would put an earlier run's tars into the corpus as documents."""
     files, missing = set(), []
+    excluded = os.path.realpath(exclude_dir) + os.sep if exclude_dir else None
     for inp in inputs:
         matches = sorted(glob.glob(inp, recursive=True)) if glob.has_magic(inp) else [inp]
         if not matches or not all(os.path.exists(m) for m in matches):
             missing.append((inp, "no such file or directory"))
             continue
         for m in matches:
-            if os.path.isdir(m):
+            if excluded and (os.path.realpath(m) + os.sep).startswith(excluded):
+                missing.append((m, "inside the output folder"))
+            elif os.path.isdir(m):
                 for root, dirs, names in os.walk(m):
-                    dirs[:] = [d for d in dirs if not d.startswith(".")]
+                    dirs[:] = [d for d in dirs if not d.startswith(".") and not (
+                        excluded and (os.path.realpath(os.path.join(root, d)) + os.sep).startswith(excluded))]
                     for n in names:
                         if not n.startswith(".") and (include is None or fnmatch.fnmatch(n, include)):
                             files.add(os.path.join(root, n))
@@ -284,10 +293,43 @@ def _in_val(data: bytes, fraction: float) -> bool:
     return h < fraction * 2 ** 64
 
 
+class OutputExistsError(RuntimeError):
+    pass
+
+
+def _split_dirs(out_dir: str) -> list[str]:
+    return [os.path.join(out_dir, split) for split in ("train", "val")]
+
+
+def prepare_output(out_dir: str, prefix: str, overwrite: bool) -> None:
+    """Refuse an output folder holding an earlier run's shards, or clear them when `overwrite`.
+
+    Writing over them in place would leave the old index.json describing new shards until the
+    very end: a crash, or a job reading the old shards, would then meet files that do not match
+    their index. With `overwrite` the old index goes first (no index = visibly incomplete), then
+    the old shards and any temporary files of a crashed run."""
+    shard_name = re.compile(re.escape(prefix) + r"-\d{6}\.tar$")
+    tmp_name = re.compile(r"\." + re.escape(prefix) + r"-\d{6}\.tar\.tmp\.\d+$")
+    for d in _split_dirs(out_dir):
+        if not os.path.isdir(d):
+            continue
+        names = os.listdir(d)
+        old = [n for n in names if n == "index.json" or shard_name.match(n)]
+        if old and not overwrite:
+            raise OutputExistsError(f"{d} already holds shards or an index.json from an earlier run; "
+                                    f"choose another output folder or pass --overwrite")
+        if "index.json" in old:
+            os.remove(os.path.join(d, "index.json"))
+        for n in names:
+            if shard_name.match(n) or tmp_name.match(n):
+                os.remove(os.path.join(d, n))
+
+
 def write_shards(documents, out_dir: str, opts: WriterOptions, summary: WriteSummary | None = None,
                  source_note: dict | None = None) -> WriteSummary:
     """Write an iterable of document bytes into OUT_DIR/train (and OUT_DIR/val) shards + index.json."""
     summary = summary or WriteSummary()
+    prepare_output(out_dir, opts.prefix, opts.overwrite)
     t0 = time.perf_counter()
     writers = {"train": TarShardWriter(os.path.join(out_dir, "train"), opts.prefix, opts.shard_size)}
     if opts.val_fraction > 0:
@@ -332,7 +374,7 @@ def write_shards(documents, out_dir: str, opts: WriterOptions, summary: WriteSum
 def shard_files(inputs: list[str], out_dir: str, opts: WriterOptions) -> WriteSummary:
     """The CLI's work: expand inputs, read their documents in sorted file order, write shards."""
     summary = WriteSummary()
-    files, missing = expand_inputs(inputs, opts.include)
+    files, missing = expand_inputs(inputs, opts.include, exclude_dir=out_dir)
     summary.skipped_files.extend(missing)
 
     def docs():
@@ -382,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--include", default=None, help="only files matching this glob inside directories")
     ap.add_argument("--prefix", default="shard", help="shard file name prefix")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the shards and index.json of an earlier run in OUT_DIR (refused otherwise)")
     a = ap.parse_args(argv)
     if not (0.0 <= (a.val_fraction or 0.0) < 1.0):
         ap.error("--val-fraction must be in [0, 1)")
@@ -395,11 +439,15 @@ def main(argv: list[str] | None = None) -> int:
         val_fraction=a.val_fraction if a.val_fraction is not None else (0.05 if a.demo else 0.0),
         min_doc_bytes=max(1, a.min_doc_bytes), max_doc_bytes=a.max_doc_bytes, long_docs=a.long_docs,
         text_field=a.text_field, column=a.column, split_on=split_on, prefix=a.prefix,
-        include=a.include, progress=not a.quiet)
-    if a.demo:
-        summary = shard_demo(a.out_dir, opts, a.demo_bytes)
-    else:
-        summary = shard_files(a.inputs, a.out_dir, opts)
+        include=a.include, progress=not a.quiet, overwrite=a.overwrite)
+    try:
+        if a.demo:
+            summary = shard_demo(a.out_dir, opts, a.demo_bytes)
+        else:
+            summary = shard_files(a.inputs, a.out_dir, opts)
+    except OutputExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(summary.text())
     for split in ("train", "val"):
         if split == "train" or summary.documents[split]:

@@ -197,3 +197,43 @@ def test_damaged_gzip_input_is_skipped_and_reported(tmp_path):
     summary = shard_files([str(tmp_path / "in")], str(tmp_path / "out"), WriterOptions(progress=False))
     assert summary.documents["train"] == 1
     assert any("bad.txt.gz" in path for path, _why in summary.skipped_files)
+
+
+def test_output_folder_of_an_earlier_run(tmp_path):
+    """A second run into the same folder is refused unless --overwrite; with it the old index,
+    the old shards (even when the new run writes fewer) and a crashed run's temporaries go."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        (src / f"{i}.txt").write_bytes(bytes([65 + i]) * 3000)
+    out = tmp_path / "out"
+
+    def cli(*extra):
+        return subprocess.run([sys.executable, "-m", "data_pipeline.shard", str(out), *extra, "--quiet",
+                               "--shard-size", "8KB"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    assert cli(str(src)).returncode == 0
+    first = json.loads((out / "train" / "index.json").read_text())
+    assert len(first["shards"]) == 6
+    (out / "train" / ".shard-000009.tar.tmp.4242").write_bytes(b"half a shard")
+    r = cli(str(src / "0.txt"))
+    assert r.returncode == 2 and "--overwrite" in r.stderr and "earlier run" in r.stderr
+    assert json.loads((out / "train" / "index.json").read_text()) == first  # nothing touched
+    assert cli(str(src / "0.txt"), "--overwrite").returncode == 0
+    assert sorted(os.listdir(out / "train")) == ["index.json", "shard-000000.tar"]
+    assert _read_all(str(out / "train" / "index.json")) == {"d0000000000": b"A" * 3000}
+
+
+def test_output_folder_inside_an_input_directory_is_not_read(tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"first document")
+    (src / "b.txt").write_bytes(b"second document")
+    out = src / "shards"
+    for _ in range(2):  # the second run would otherwise read the first run's tars as documents
+        summary = shard_files([str(src)], str(out), WriterOptions(progress=False, overwrite=True))
+        assert summary.documents["train"] == 2
+    assert sorted(_read_all(str(out / "train" / "index.json")).values()) == [b"first document", b"second document"]
+    summary = shard_files([str(src / "*")], str(out), WriterOptions(progress=False, overwrite=True))
+    assert summary.documents["train"] == 2
+    assert any(why == "inside the output folder" for _p, why in summary.skipped_files)
