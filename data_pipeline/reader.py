@@ -195,8 +195,8 @@ def _worker_main(args: dict, conn, parent_conn, stop, slots: _Slots | None = Non
         for ev in iter_stream(**args):
             n = len(ev[5]) if ev[0] == "doc" else 0
             if batch and nbytes + n > _BATCH_BYTES:  # keep a batch within one slot
-                slot = _send_batch(conn, batch, slots, slot, stop)
-                batch, nbytes = [], 0
+                sent, batch, nbytes = batch, [], 0  # reset first: the error path sends only unsent events
+                slot = _send_batch(conn, sent, slots, slot, stop)
                 if slot < 0:
                     return
             batch.append(ev)
@@ -204,8 +204,8 @@ def _worker_main(args: dict, conn, parent_conn, stop, slots: _Slots | None = Non
             if len(batch) >= _BATCH_EVENTS or nbytes >= _BATCH_BYTES or ev[0] != "doc":
                 if stop.is_set():
                     return
-                slot = _send_batch(conn, batch, slots, slot, stop)
-                batch, nbytes = [], 0
+                sent, batch, nbytes = batch, [], 0
+                slot = _send_batch(conn, sent, slots, slot, stop)
                 if slot < 0:
                     return
             if ev[0] == "end":
@@ -249,13 +249,12 @@ class StreamClient:
             ctx = mp.get_context(mp_context)
             self._conn, child_conn = ctx.Pipe(duplex=False)
             self._slots = _Slots(ctx, max(1, prefetch)) if shared_memory and mp_context == "fork" else None
-            if self._slots is None:
-                try:
-                    import fcntl
+            try:  # with slots the pipe still carries the events, and documents larger than a slot
+                import fcntl
 
-                    fcntl.fcntl(self._conn.fileno(), _F_SETPIPE_SZ, _pipe_size(max(1, prefetch) * _BATCH_BYTES))
-                except (ImportError, OSError):  # not Linux, or over pipe-max-size: the default buffer
-                    pass
+                fcntl.fcntl(self._conn.fileno(), _F_SETPIPE_SZ, _pipe_size(max(1, prefetch) * _BATCH_BYTES))
+            except (ImportError, OSError):  # not Linux, or over pipe-max-size: the default buffer
+                pass
             self._stop = ctx.Event()
             self._proc = ctx.Process(target=_worker_main, daemon=True, name=f"data-stream-{args['stream']}",
                                      args=(args, child_conn, self._conn, self._stop, self._slots))
@@ -315,3 +314,5 @@ class StreamClient:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(1.0)
+        if self._slots is not None and not self._slots.mem.closed:
+            self._slots.mem.close()  # now, not at garbage collection: workers forked later would inherit it

@@ -189,28 +189,36 @@ def _fsync_dir(path: str) -> None:
 # ---------------------------------------------------------------- inputs -> documents
 
 def expand_inputs(inputs: list[str], include: str | None = None,
-                  exclude_dir: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+                  exclude_dirs: list[str] = ()) -> tuple[list[str], list[tuple[str, str]]]:
     """Files named by paths, directories (recursive, hidden entries skipped) and globs; sorted, unique.
 
-    Files under `exclude_dir` (the output folder, when it lies inside an input directory) are
-    left out: sharding them would put an earlier run's tars into the corpus as documents."""
+    Files under `exclude_dirs` (the writer's own OUT_DIR/train and OUT_DIR/val, when they lie
+    inside an input directory) are left out: sharding them would put an earlier run's tars
+    into the corpus as documents."""
     files, missing = set(), []
-    excluded = os.path.realpath(exclude_dir) + os.sep if exclude_dir else None
+    excluded = tuple(os.path.realpath(d) + os.sep for d in exclude_dirs)
+
+    def is_excluded(path: str) -> bool:
+        return bool(excluded) and (os.path.realpath(path) + os.sep).startswith(excluded)
+
     for inp in inputs:
         matches = sorted(glob.glob(inp, recursive=True)) if glob.has_magic(inp) else [inp]
         if not matches or not all(os.path.exists(m) for m in matches):
             missing.append((inp, "no such file or directory"))
             continue
         for m in matches:
-            if excluded and (os.path.realpath(m) + os.sep).startswith(excluded):
+            if is_excluded(m):
                 missing.append((m, "inside the output folder"))
             elif os.path.isdir(m):
                 for root, dirs, names in os.walk(m):
-                    dirs[:] = [d for d in dirs if not d.startswith(".") and not (
-                        excluded and (os.path.realpath(os.path.join(root, d)) + os.sep).startswith(excluded))]
+                    dirs[:] = [d for d in dirs if not d.startswith(".") and not is_excluded(os.path.join(root, d))]
                     for n in names:
                         if not n.startswith(".") and (include is None or fnmatch.fnmatch(n, include)):
-                            files.add(os.path.join(root, n))
+                            f = os.path.join(root, n)
+                            if os.path.islink(f) and is_excluded(f):  # os.walk does not enter linked folders
+                                missing.append((f, "inside the output folder"))
+                            else:
+                                files.add(f)
             else:
                 files.add(m)
     return sorted(files), missing
@@ -301,39 +309,67 @@ def _split_dirs(out_dir: str) -> list[str]:
     return [os.path.join(out_dir, split) for split in ("train", "val")]
 
 
-def prepare_output(out_dir: str, prefix: str, overwrite: bool) -> None:
-    """Refuse an output folder holding an earlier run's shards, or clear them when `overwrite`.
+def _earlier_run(out_dir: str, prefix: str) -> dict[str, list[str]]:
+    """{split dir: names of an earlier run's index.json, shards and temporaries in it}."""
+    shard_name = re.compile(re.escape(prefix) + r"-\d{6}\.tar$")
+    tmp_name = re.compile(r"\." + re.escape(prefix) + r"-\d{6}\.tar\.tmp\.\d+$")
+    found = {}
+    for d in _split_dirs(out_dir):
+        if os.path.isdir(d):
+            names = [n for n in os.listdir(d) if n == "index.json" or shard_name.match(n) or tmp_name.match(n)]
+            if names:
+                found[d] = names
+    return found
+
+
+def check_output(out_dir: str, prefix: str, overwrite: bool) -> None:
+    """Refuse an output folder holding an earlier run's shards (or a crashed run's temporaries,
+    which may belong to a writer still running) unless `overwrite`. Called before any input is read."""
+    found = _earlier_run(out_dir, prefix)
+    if found and not overwrite:
+        d, names = next(iter(found.items()))
+        raise OutputExistsError(f"{d} already holds files of an earlier run ({', '.join(sorted(names)[:3])}"
+                                f"{', ...' if len(names) > 3 else ''}); choose another output folder "
+                                f"or pass --overwrite")
+
+
+def clear_earlier_run(out_dir: str, prefix: str) -> None:
+    """Delete an earlier run's files; called only once the new run has a document to write.
 
     Writing over them in place would leave the old index.json describing new shards until the
     very end: a crash, or a job reading the old shards, would then meet files that do not match
-    their index. With `overwrite` the old index goes first (no index = visibly incomplete), then
-    the old shards and any temporary files of a crashed run."""
-    shard_name = re.compile(re.escape(prefix) + r"-\d{6}\.tar$")
-    tmp_name = re.compile(r"\." + re.escape(prefix) + r"-\d{6}\.tar\.tmp\.\d+$")
-    for d in _split_dirs(out_dir):
-        if not os.path.isdir(d):
-            continue
-        names = os.listdir(d)
-        old = [n for n in names if n == "index.json" or shard_name.match(n)]
-        if old and not overwrite:
-            raise OutputExistsError(f"{d} already holds shards or an index.json from an earlier run; "
-                                    f"choose another output folder or pass --overwrite")
-        if "index.json" in old:
+    their index. So the old index goes first (no index = visibly incomplete), then the shards."""
+    for d, names in _earlier_run(out_dir, prefix).items():
+        if "index.json" in names:
             os.remove(os.path.join(d, "index.json"))
         for n in names:
-            if shard_name.match(n) or tmp_name.match(n):
+            if n != "index.json":
                 os.remove(os.path.join(d, n))
+
+
+class NothingToWriteError(RuntimeError):
+    pass
 
 
 def write_shards(documents, out_dir: str, opts: WriterOptions, summary: WriteSummary | None = None,
                  source_note: dict | None = None) -> WriteSummary:
-    """Write an iterable of document bytes into OUT_DIR/train (and OUT_DIR/val) shards + index.json."""
+    """Write an iterable of document bytes into OUT_DIR/train (and OUT_DIR/val) shards + index.json.
+
+    Raises OutputExistsError (before reading anything) when OUT_DIR holds an earlier run and
+    opts.overwrite is off, and NothingToWriteError when no document was usable: OUT_DIR is then
+    left as it was, so a mistyped input never replaces a good dataset with an empty one."""
     summary = summary or WriteSummary()
-    prepare_output(out_dir, opts.prefix, opts.overwrite)
+    check_output(out_dir, opts.prefix, opts.overwrite)
     t0 = time.perf_counter()
-    writers = {"train": TarShardWriter(os.path.join(out_dir, "train"), opts.prefix, opts.shard_size)}
-    if opts.val_fraction > 0:
-        writers["val"] = TarShardWriter(os.path.join(out_dir, "val"), opts.prefix, opts.shard_size)
+    writers = {}
+
+    def writer(split: str) -> TarShardWriter:
+        if not writers:  # the first usable document: only now may an earlier run go
+            clear_earlier_run(out_dir, opts.prefix)
+            for sp in ("train", "val") if opts.val_fraction > 0 else ("train",):
+                writers[sp] = TarShardWriter(os.path.join(out_dir, sp), opts.prefix, opts.shard_size)
+        return writers[split]
+
     bar = None
     if opts.progress:
         from tqdm import tqdm
@@ -358,11 +394,14 @@ def write_shards(documents, out_dir: str, opts: WriterOptions, summary: WriteSum
             if opts.long_docs == "truncate":
                 data = data[: opts.max_doc_bytes]
         split = "val" if _in_val(data, opts.val_fraction) else "train"
-        writers[split].add(f"d{n - 1:010d}", data)
+        writer(split).add(f"d{n - 1:010d}", data)
         summary.documents[split] += 1
         summary.bytes[split] += len(data)
     if bar is not None:
         bar.close()
+    summary.seconds = time.perf_counter() - t0
+    if not writers:
+        raise NothingToWriteError(f"no usable document in the inputs; {out_dir} left as it was\n{summary.text()}")
     extra = {"source": source_note or {}}
     for split, w in writers.items():
         meta = w.finish(split, extra)
@@ -374,7 +413,8 @@ def write_shards(documents, out_dir: str, opts: WriterOptions, summary: WriteSum
 def shard_files(inputs: list[str], out_dir: str, opts: WriterOptions) -> WriteSummary:
     """The CLI's work: expand inputs, read their documents in sorted file order, write shards."""
     summary = WriteSummary()
-    files, missing = expand_inputs(inputs, opts.include, exclude_dir=out_dir)
+    check_output(out_dir, opts.prefix, opts.overwrite)  # before reading any input
+    files, missing = expand_inputs(inputs, opts.include, exclude_dirs=_split_dirs(out_dir))
     summary.skipped_files.extend(missing)
 
     def docs():
@@ -448,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     except OutputExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NothingToWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(summary.text())
     for split in ("train", "val"):
         if split == "train" or summary.documents[split]:

@@ -219,21 +219,32 @@ def test_output_folder_of_an_earlier_run(tmp_path):
     r = cli(str(src / "0.txt"))
     assert r.returncode == 2 and "--overwrite" in r.stderr and "earlier run" in r.stderr
     assert json.loads((out / "train" / "index.json").read_text()) == first  # nothing touched
+    for bad_input in (str(tmp_path / "typo"), str(src / "*.none")):  # nothing to write: nothing replaced
+        r = cli(bad_input, "--overwrite")
+        assert r.returncode == 1 and "left as it was" in r.stderr
+        assert json.loads((out / "train" / "index.json").read_text()) == first
     assert cli(str(src / "0.txt"), "--overwrite").returncode == 0
     assert sorted(os.listdir(out / "train")) == ["index.json", "shard-000000.tar"]
     assert _read_all(str(out / "train" / "index.json")) == {"d0000000000": b"A" * 3000}
 
 
 def test_output_folder_inside_an_input_directory_is_not_read(tmp_path):
+    """The writer's own OUT_DIR/train and OUT_DIR/val are never inputs; the rest of OUT_DIR may be."""
     src = tmp_path / "corpus"
     src.mkdir()
     (src / "a.txt").write_bytes(b"first document")
     (src / "b.txt").write_bytes(b"second document")
+    docs = [b"first document", b"second document"]
     out = src / "shards"
     for _ in range(2):  # the second run would otherwise read the first run's tars as documents
         summary = shard_files([str(src)], str(out), WriterOptions(progress=False, overwrite=True))
         assert summary.documents["train"] == 2
-    assert sorted(_read_all(str(out / "train" / "index.json")).values()) == [b"first document", b"second document"]
-    summary = shard_files([str(src / "*")], str(out), WriterOptions(progress=False, overwrite=True))
-    assert summary.documents["train"] == 2
-    assert any(why == "inside the output folder" for _p, why in summary.skipped_files)
+    assert sorted(_read_all(str(out / "train" / "index.json")).values()) == docs
+    (out / "notes.txt").write_bytes(b"third document")  # beside train/: an input like any other
+    os.symlink(out / "train" / "shard-000000.tar", src / "link.tar")  # a linked shard is not
+    summary = shard_files([str(src / "*"), str(out / "train")], str(out), WriterOptions(progress=False, overwrite=True))
+    assert sorted(_read_all(str(out / "train" / "index.json")).values()) == docs + [b"third document"]
+    assert sum(why == "inside the output folder" for _p, why in summary.skipped_files) == 2
+    for _ in range(2):  # OUT_DIR == the input directory
+        summary = shard_files([str(src / "shards")], str(src / "shards"), WriterOptions(progress=False, overwrite=True))
+        assert summary.documents["train"] == 1  # notes.txt
