@@ -79,7 +79,7 @@ class NullTracker:
 
 class MlflowTracker(NullTracker):
     def __init__(self, uri: str, experiment: str, run_id: str | None = None, run_name: str = "",
-                 flush_every: int = 50):
+                 flush_every: int = 50, resume_step: int | None = None):
         t0 = time.perf_counter()
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
@@ -105,6 +105,11 @@ class MlflowTracker(NullTracker):
             self.run_id = run.info.run_id
             restarts = int(run.data.tags.get("restart_count", "0")) + 1
             self.client.set_tag(run_id, "restart_count", str(restarts))
+            if resume_step is not None:
+                # Metrics flushed between that checkpoint and a hard kill are logged again by this
+                # attempt (MLflow cannot delete them): per step, the newest value is the one the
+                # run continued from. The tag says from where each restart re-logged.
+                self.client.set_tag(run_id, f"restart_{restarts}.from_step", str(resume_step))
         else:
             run = self.client.create_run(exp_id, run_name=run_name or None, tags={"restart_count": "0"})
             self.run_id = run.info.run_id
@@ -170,10 +175,10 @@ def _param_str(v) -> str:
     return s[:MAX_PARAM_LEN]
 
 
-def make_tracker(cfg, rank: int, run_id: str | None) -> NullTracker:
+def make_tracker(cfg, rank: int, run_id: str | None, resume_step: int | None = None) -> NullTracker:
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
     uri = default_tracking_uri(cfg.tracking.uri)
     return MlflowTracker(uri, cfg.tracking.experiment, run_id=run_id,
                          run_name=cfg.tracking.run_name or os.path.basename(os.path.abspath(cfg.run_dir)),
-                         flush_every=cfg.tracking.flush_every)
+                         flush_every=cfg.tracking.flush_every, resume_step=resume_step)

@@ -306,7 +306,7 @@ def train(cfg: ExperimentConfig) -> str:
             seed_everything(cfg.train.seed + 1000003 * step + info.rank)
         log0(info, f"resuming from checkpoint {ckpts.root}/{load_tag} at step {step} "
                    f"({bytes_seen:,} bytes seen; written by {meta['world_size']} ranks, now {info.world_size})")
-    tracker = make_tracker(cfg, info.rank, run_id) if info.rank == 0 else NullTracker()
+    tracker = make_tracker(cfg, info.rank, run_id, step if run_id else None) if info.rank == 0 else NullTracker()
     if tracker.run_id:
         params = {"config": cfg.to_dict(), "world_size": info.world_size, "git_commit": git_commit(),
                   "versions": package_versions(), "ds": ds_config or {"engine": "plain"},

@@ -171,8 +171,15 @@ def test_resumed_run_continues_same_mlflow_run(interrupted):
     assert len(runs) == 1, "a restart must continue the run, not open a new one"
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.tags["restart_count"] == "2"
-    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
-    assert steps == set(range(1, STEPS + 1))
+    assert run.data.tags["restart_1.from_step"] == run.data.tags["restart_2.from_step"] == "6"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert {m.step for m in history} == set(range(1, STEPS + 1))
+    # per step, the newest value is the resumed run's (steps re-logged after a kill included)
+    newest = {}
+    for m in sorted(history, key=lambda m: m.timestamp):
+        newest[m.step] = m.value
+    losses = train_losses(run_dir)
+    assert all(newest[s] == losses[s] for s in range(7, STEPS + 1))
 
 
 # ----------------------------------------------------------------------------- reshard + NaN guard
