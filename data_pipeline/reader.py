@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import traceback
 from collections import deque
 from typing import Iterator
@@ -151,11 +152,14 @@ class _Slots:
         self.n = n
         self.mem = mmap.mmap(-1, n * _BATCH_BYTES)
         self.free = ctx.Semaphore(n)
+        self.consumer_pid = os.getpid()
 
     def acquire(self, stop) -> bool:
-        """Wait for a free slot; False once the consumer has asked the worker to stop."""
+        """Wait for a free slot; False once the consumer has asked the worker to stop, or has died
+        (killed, it never frees a slot nor sets `stop`: without this check the worker would wait
+        forever as an orphan)."""
         while not self.free.acquire(timeout=0.2):
-            if stop.is_set():
+            if stop.is_set() or os.getppid() != self.consumer_pid:
                 return False
         return True
 

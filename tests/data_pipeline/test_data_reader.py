@@ -5,6 +5,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 import time
 from collections import Counter
@@ -216,3 +218,44 @@ def test_close_stops_a_worker_waiting_for_a_slot(shard_set):
     it.close()
     assert not any(p.is_alive() for p in procs)
     assert time.monotonic() - t0 < 5
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_workers_exit_when_their_consumer_is_killed(shard_set, shared_memory):
+    """SIGKILL of the training process (preemption, OOM killer): its workers, blocked on a full
+    pipe or waiting for a slot that will never be freed, must not live on as orphans."""
+    code = (f"import sys, time; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+            "from data_pipeline import BalancedStepLoader\n"
+            f"loader = BalancedStepLoader([{shard_set[0]!r}], {C}, {STEP}, num_workers=2, prefetch=1, "
+            f"shared_memory={shared_memory})\n"
+            "it = iter(loader); next(it)\n"
+            "print(' '.join(str(c._proc.pid) for c in loader._clients), flush=True)\n"
+            "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    pids = []
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        time.sleep(0.5)  # the workers fill their slot / pipe and block
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), "data workers outlived their killed consumer"
+    finally:
+        proc.kill()
+        for p in pids:  # a failed run leaves no orphans behind
+            try:
+                os.kill(p, 9)
+            except OSError:
+                pass
