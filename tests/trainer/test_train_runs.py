@@ -56,17 +56,40 @@ def straight(tmp_path_factory, demo_shards) -> Path:
     return run_dir
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """Live (not zombie) processes whose command line contains `text`: forked data workers
+    carry their rank's command line."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (d / "status").read_text()
+        except OSError:
+            continue
+        if text in cmd and "\nState:\tZ" not in state:
+            out.append(int(d.name))
+    return out
+
+
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, demo_shards) -> dict:
-    """6 steps, SIGKILL of every process; restart that dies while saving step 12; restart to 30."""
+    """6 steps, SIGKILL of every process; restart that dies while saving step 12; restart to 30.
+
+    With one data worker process per rank, which reads the same single stream per rank as the
+    straight run's in-process reader: the same batches, through the worker transport, across kills."""
     base = tmp_path_factory.mktemp("interrupted")
     run_dir = base / "run"
     latest = run_dir / "checkpoints" / "latest"
 
+    def args(*extra):  # the straight run's arguments plus the data workers
+        return common(run_dir, demo_shards, "data.num_workers=1", *extra)
+
     # 1) Run until the step-6 checkpoint is written, then SIGKILL both ranks.
     logs1 = base / "launch1"
     logs1.mkdir()
-    ranks = Ranks(train_argv(*common(run_dir, demo_shards, "debug.hang_at_step=6")), 2, base, log_dir=logs1)
+    ranks = Ranks(train_argv(*args("debug.hang_at_step=6")), 2, base, log_dir=logs1)
     deadline = time.time() + 240
     while time.time() < deadline:
         if latest.is_file() and latest.read_text().strip() == "step00000006" and \
@@ -83,7 +106,7 @@ def interrupted(tmp_path_factory, demo_shards) -> dict:
     # 2) Restart; rank 1 dies in the middle of saving step 12 (after writing its shard files).
     logs2 = base / "launch2"
     logs2.mkdir()
-    ranks = Ranks(train_argv(*common(run_dir, demo_shards, "debug.crash_in_save_at_step=12", "debug.crash_rank=1")),
+    ranks = Ranks(train_argv(*args("debug.crash_in_save_at_step=12", "debug.crash_rank=1")),
                   2, base, log_dir=logs2)
     try:
         assert ranks.procs[1].wait(timeout=240) == 17, ranks.output()
@@ -95,7 +118,11 @@ def interrupted(tmp_path_factory, demo_shards) -> dict:
     # 3) Restart and finish.
     logs3 = base / "launch3"
     logs3.mkdir()
-    run_ranks(train_argv(*common(run_dir, demo_shards)), 2, base, log_dir=logs3, timeout=300)
+    run_ranks(train_argv(*args()), 2, base, log_dir=logs3, timeout=300)
+    deadline = time.time() + 10
+    while processes_mentioning(str(run_dir)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not processes_mentioning(str(run_dir)), "processes (data workers?) outlived the killed launches"
     return {"run_dir": run_dir, "launch2": launch2_out, "launch3": (logs3 / "rank0.log").read_text()}
 
 
