@@ -184,6 +184,19 @@ def _send_batch(conn, batch: list, slots: _Slots | None, slot: int, stop) -> int
     return nxt if slots.acquire(stop) else -1
 
 
+def _worker_signals() -> None:
+    """A forked worker inherits the trainer's handlers, which turn SIGTERM and SIGUSR1 into a
+    "checkpoint and stop" flag that nothing reads here: a worker then outlived a SIGTERM. SIGTERM
+    ends a worker; SIGUSR1 (SLURM's preemption warning, sent with --full to every process of
+    the step) and SIGINT (Ctrl-C reaches the whole process group) are the consumer's business:
+    it stops its workers itself."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig in (signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _worker_main(args: dict, conn, parent_conn, stop, slots: _Slots | None = None) -> None:
     """Runs one stream in a worker process; events go to the consumer in batches.
 
@@ -191,6 +204,7 @@ def _worker_main(args: dict, conn, parent_conn, stop, slots: _Slots | None = Non
     any): a send blocks while the consumer is `prefetch` batches behind, and fails
     (BrokenPipeError) once the consumer has closed its end, which ends the worker."""
     parent_conn.close()  # the inherited read end: without it, a closed consumer means BrokenPipeError here
+    _worker_signals()
     batch, nbytes = [], 0
     slot = 0
     try:

@@ -259,3 +259,32 @@ def test_workers_exit_when_their_consumer_is_killed(shard_set, shared_memory):
                 os.kill(p, 9)
             except OSError:
                 pass
+
+
+def test_worker_signals(shard_set):
+    """Workers inherit the trainer's SIGTERM/SIGUSR1 handlers when forked: SIGUSR1 (SLURM's
+    preemption warning reaches every process of the step) must not end a worker, SIGTERM must."""
+    import signal
+
+    flags = []
+    old = {s: signal.signal(s, lambda *a: flags.append(a[0])) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        loader = BalancedStepLoader([shard_set[0]], C, STEP, num_workers=1, prefetch=1, seed=9)
+        ref = [step_digest(s) for s in BalancedStepLoader([shard_set[0]], C, STEP, num_workers=0, seed=9, epochs=1)]
+        it = iter(loader)
+        got = [step_digest(next(it))]
+        proc = loader._clients[0]._proc
+        os.kill(proc.pid, signal.SIGUSR1)
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.is_alive()
+        got += [step_digest(next(it)) for _ in range(len(ref) - 2)]
+        assert got == ref[:-1]  # the last step of a 1-epoch run is packed as the last
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.join(5)
+        assert not proc.is_alive() and proc.exitcode == -signal.SIGTERM
+        assert not flags  # the signals went to the worker only
+        it.close()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
