@@ -78,7 +78,7 @@ def _load_shard(shard: ShardInfo, on_error: str) -> tuple[list, str | None]:
     """All samples of a shard (key, bytes|None) in tar order, and the problem that cut it short."""
     samples, problem = [], None
     try:
-        for key, doc in iter_samples(shard.url):
+        for key, doc in iter_samples(shard.url, views=True):  # the shard held once; each document copied out when read
             samples.append((key, doc))
     except DataError as e:
         problem = str(e)
@@ -121,7 +121,7 @@ def iter_stream(shards: list[ShardInfo], plan, position, epoch: int, seed: int, 
                         raise DataError(f"shard {shard.name} key {key}: {why}", shard=shard.name, key=key)
                     yield ("skip", epoch, k, pos, f"shard {shard.name} key {key}: {why}")
                     continue
-                yield ("doc", epoch, k, pos, f"{shard.name}:{key}", doc)
+                yield ("doc", epoch, k, pos, f"{shard.name}:{key}", bytes(doc))
         yield ("epoch_end", epoch)
         epoch += 1
         plan = fresh_plans(len(shards), seed, epoch, n_streams)[stream]

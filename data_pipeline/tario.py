@@ -45,7 +45,7 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext
 
 
-def iter_samples(url: str) -> Iterator[tuple[str, bytes | None]]:
+def iter_samples(url: str, views: bool = False) -> Iterator[tuple[str, bytes | memoryview | None]]:
     """Yield (key, document bytes) in tar order; bytes is None for a sample with no .bin/.txt member.
 
     The shard is read whole (the reader keeps a shard in memory anyway, for its in-shard
@@ -53,6 +53,10 @@ def iter_samples(url: str) -> Iterator[tuple[str, bytes | None]]:
     tarfile for shards of small documents; archives with pax/GNU extension headers go through
     tarfile. Raises DataError naming the shard (and the last good key) for a missing, truncated
     or corrupt tar.
+
+    views=True yields memoryviews into the one shard buffer instead of copies: a caller that
+    keeps every document of the shard (the reader, for its permutation) then holds the shard
+    once, not twice.
     """
     stream = open_shard(url)
     try:
@@ -73,9 +77,11 @@ def iter_samples(url: str) -> Iterator[tuple[str, bytes | None]]:
             _parse_with_tarfile(buf, url, members)
     except DataError as e:
         error = e  # the members before the damage are still good: yield them, then raise
-    del buf  # the members hold their own copies; keep one copy of the shard in memory, not two
+    del buf  # the members are views of it: it lives exactly as long as they do
     key, doc, last_key = None, None, ""
     for name, data in members:
+        if not views and isinstance(data, memoryview):
+            data = bytes(data)
         k, ext = split_member_name(name)
         if k != key:
             if key is not None:
@@ -94,7 +100,8 @@ _PLAIN_FILE_TYPES = (b"0", b"\0", b"7")
 
 
 def _parse_ustar(buf: bytes, url: str, out: list) -> list | None:
-    """Appends (member name, bytes) of the regular files to `out`; None when the archive needs tarfile."""
+    """Appends (member name, memoryview of its bytes in `buf`) of the regular files to `out`; None
+    when the archive needs tarfile."""
     pos, n = 0, len(buf)
     mv = memoryview(buf)
     while True:
@@ -127,7 +134,7 @@ def _parse_ustar(buf: bytes, url: str, out: list) -> list | None:
             raise DataError(f"truncated shard {url}: member {name.decode('utf-8', 'replace')} is cut "
                             f"short", shard=url, key=_last_key(out))
         if typeflag != b"5":
-            out.append((name.decode("utf-8", "surrogateescape"), bytes(mv[start:end])))
+            out.append((name.decode("utf-8", "surrogateescape"), mv[start:end]))
         pos = start + (size + 511) // 512 * 512
 
 
