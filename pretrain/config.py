@@ -102,6 +102,7 @@ class CheckpointSection:
     dir: str = ""  # "" = <run_dir>/checkpoints
     requeue: bool = True  # on preemption under SLURM, `scontrol requeue` the job
     auto_reshard: bool = True  # convert to a universal checkpoint when the DP size changed
+    reshard_timeout_s: float = 7200.0  # how long other ranks wait for rank 0's conversion (big models: long)
 
 
 @dataclass
@@ -196,6 +197,8 @@ class ExperimentConfig:
                     raise ConfigError(f"data.{key}: no such shard index {path!r}")
         if self.checkpoint.keep_last < 1:
             raise ConfigError("checkpoint.keep_last must be >= 1")
+        if self.checkpoint.reshard_timeout_s <= 0:
+            raise ConfigError(f"checkpoint.reshard_timeout_s must be > 0, got {self.checkpoint.reshard_timeout_s}")
 
     def hash(self) -> str:
         """Stable hash of the resolved config (the model part decides checkpoint compatibility)."""

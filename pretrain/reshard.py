@@ -11,10 +11,12 @@ skipping documents. The trainer also runs this conversion itself when checkpoint
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 from pretrain.checkpoint import COMPLETE, LATEST, CheckpointManager, atomic_write
 
@@ -51,6 +53,39 @@ def convert_to_universal(root: str, tag: str, workers: int = 1) -> str:
     # ds_to_universal points latest_universal at the temporary name; point it at the real one.
     atomic_write(os.path.join(root, "latest_universal"), os.path.basename(final))
     return final
+
+
+def universal_ready(root: str, tag: str) -> bool:
+    return os.path.isdir(os.path.join(root, f"{tag}_universal", "zero"))
+
+
+def convert_on_rank0(root: str, tag: str, rank: int, attempt: str, timeout_s: float, poll_s: float = 1.0) -> None:
+    """Rank 0 converts root/tag; the other ranks wait for the result on the shared file system.
+
+    Not in a collective: a large model's conversion can outlast the collective timeout, and the
+    job would then fail, be requeued and start the conversion over, forever. A failure on rank 0
+    is written to `.<tag>_universal.failed.<attempt>` (attempt: an id rank 0 broadcast for this
+    start), so the waiting ranks stop with rank 0's error instead of waiting out `timeout_s`."""
+    failed = os.path.join(root, f".{tag}_universal.failed.{attempt}")
+    if rank == 0:
+        for old in glob.glob(os.path.join(glob.escape(root), f".{glob.escape(tag)}_universal.failed.*")):
+            os.remove(old)  # earlier attempts': their waiters are gone
+        try:
+            convert_to_universal(root, tag)
+        except BaseException as e:
+            atomic_write(failed, f"{type(e).__name__}: {e}")
+            raise
+        return
+    deadline = time.monotonic() + timeout_s
+    while not universal_ready(root, tag):
+        if os.path.isfile(failed):
+            with open(failed) as f:
+                raise RuntimeError(f"rank 0 could not convert checkpoint {tag} to the universal format: {f.read()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"waited {timeout_s:.0f} s (checkpoint.reshard_timeout_s) for rank 0 to convert "
+                               f"checkpoint {tag} to the universal format in {root}; convert it beforehand with "
+                               f"`python -m pretrain.reshard {root}`, or raise the timeout")
+        time.sleep(poll_s)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from parallel.distributed import (DistInfo, all_gather_object, all_reduce_max, a
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import ConfigError, ExperimentConfig, dump_yaml, load_config
 from pretrain.model.config import ConfigError as ModelConfigError
+from pretrain.reshard import convert_on_rank0, universal_ready
 from pretrain.schedule import build_schedule
 from pretrain.tracking import NullTracker, git_commit, make_tracker, package_versions
 
@@ -222,10 +223,6 @@ def build_executor(cfg: ExperimentConfig, info: DistInfo, model_cfg, ds_config: 
     return ZeroStep(engine, model_cfg.num_stages, info.rank, info.world_size), group_mults, mults
 
 
-def universal_ready(ckpt_dir: str, tag: str) -> bool:
-    return os.path.isdir(os.path.join(ckpt_dir, f"{tag}_universal", "zero"))
-
-
 # ----------------------------------------------------------------------------- the run
 def train(cfg: ExperimentConfig) -> str:
     """Runs (or resumes) the experiment; returns "completed", "preempted" or "stopped"."""
@@ -288,10 +285,12 @@ def train(cfg: ExperimentConfig) -> str:
                     raise TrainingError(
                         f"checkpoint {resume_tag} was written by {meta['world_size']} ranks, this run has "
                         f"{info.world_size}: run `python -m pretrain.reshard {ckpts.root}` first")
-                if info.rank == 0:
-                    from pretrain.reshard import convert_to_universal
+                from uuid import uuid4
 
-                    convert_to_universal(ckpts.root, resume_tag)
+                attempt = broadcast_object(uuid4().hex)
+                log0(info, f"converting checkpoint {resume_tag} (written by {meta['world_size']} ranks) to the "
+                           f"universal format on rank 0")
+                convert_on_rank0(ckpts.root, resume_tag, info.rank, attempt, cfg.checkpoint.reshard_timeout_s)
                 barrier()
             universal, load_tag = True, f"{resume_tag}_universal"
         client = executor.load(ckpts.root, load_tag, universal=universal)

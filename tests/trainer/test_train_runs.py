@@ -244,6 +244,18 @@ def test_reshard_two_ranks_to_one_and_nan_guard(straight, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["mlflow_run_id"] == cfg["mlflow_run_id"]
 
+    # Back to 2 ranks, converted by the trainer itself (checkpoint.auto_reshard): rank 0 converts
+    # the 1-rank checkpoint while rank 1 waits for it on the file system.
+    logs = tmp_path / "two"
+    logs.mkdir()
+    argv = [a for a in argv if not a.startswith(("train.steps", "debug.nan_at_steps"))] + ["train.steps=36"]
+    run_ranks(argv, 2, tmp_path, log_dir=logs, timeout=300)
+    out = (logs / "rank0.log").read_text()
+    assert "converting checkpoint step00000034 (written by 1 ranks)" in out and "written by 1 ranks, now 2" in out
+    assert (run_dir / "checkpoints" / "step00000034_universal" / "zero").is_dir()
+    new = {r["step"]: r for r in read_log(run_dir) if "loss" in r and r["step"] > 34}
+    assert sorted(new) == [35, 36] and all(math.isfinite(r["loss"]) for r in new.values())
+
 
 def _idx(run_dir: Path, split: str) -> str:
     import yaml
