@@ -104,6 +104,7 @@ def iter_stream(shards: list[ShardInfo], plan, position, epoch: int, seed: int, 
             first = offset if k == entry else start
             if first >= shard.samples:
                 continue
+            samples = doc = None  # drop the previous shard before loading the next: one shard in memory
             samples, problem = _load_shard(shard, on_error)
             if not samples and problem is not None:
                 yield ("shard_skip", epoch, k, problem)
@@ -185,15 +186,16 @@ def _send_batch(conn, batch: list, slots: _Slots | None, slot: int, stop) -> int
 
 
 def _worker_signals() -> None:
-    """A forked worker inherits the trainer's handlers, which turn SIGTERM and SIGUSR1 into a
-    "checkpoint and stop" flag that nothing reads here: a worker then outlived a SIGTERM. SIGTERM
-    ends a worker; SIGUSR1 (SLURM's preemption warning, sent with --full to every process of
-    the step) and SIGINT (Ctrl-C reaches the whole process group) are the consumer's business:
-    it stops its workers itself."""
+    """A worker ignores SIGTERM, SIGUSR1 and SIGINT: they are the consumer's business. SLURM sends
+    SIGTERM (preemption with GraceTime, scancel) and SIGUSR1 (--signal with --full) to every
+    process of the step, and Ctrl-C reaches the whole process group; the trainer answers them
+    with a checkpoint, for which it still needs its data, so a worker must not die of them. The
+    forked worker's inherited handler would only set a flag that nothing reads here. A worker
+    ends when its consumer stops it, or goes away (EPIPE on the pipe, or a changed parent pid
+    while it waits for a slot)."""
     import signal
 
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    for sig in (signal.SIGUSR1, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 
