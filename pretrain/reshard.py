@@ -14,6 +14,8 @@ import argparse
 import glob
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +33,11 @@ def find_checkpoint_root(path: str) -> str:
     raise FileNotFoundError(f"{path}: no checkpoint found (expected a `{LATEST}` file or a complete tag directory)")
 
 
+def _ignore_job_signals() -> None:
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def convert_to_universal(root: str, tag: str, workers: int = 1) -> str:
     """Converts root/tag into root/<tag>_universal (atomically: a temporary folder renamed at the end)."""
     src = os.path.join(root, tag)
@@ -39,17 +46,25 @@ def convert_to_universal(root: str, tag: str, workers: int = 1) -> str:
     final = os.path.join(root, f"{tag}_universal")
     if os.path.isdir(os.path.join(final, "zero")):
         return final
-    tmp = os.path.join(root, f".tmp_{tag}_universal")
+    # one temporary folder per converter: a second one (another job, a manual run) never
+    # deletes or mixes into this one's files; the first to finish wins, the other's copy goes
+    tmp = os.path.join(root, f".tmp_{tag}_universal.{socket.gethostname()}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
            "--output_folder", tmp, "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"ds_to_universal failed for {src}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    for name in ("meta.json", "config.yaml"):
-        shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        # SLURM signals every process of the step (SIGUSR1 with --full, SIGTERM on preemption):
+        # the trainer answers with a checkpoint after the conversion, so the converter must not die
+        res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_ignore_job_signals)
+        if res.returncode != 0:
+            raise RuntimeError(f"ds_to_universal failed for {src}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        for name in ("meta.json", "config.yaml"):
+            shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+        if not os.path.isdir(os.path.join(final, "zero")):  # else another converter finished first:
+            shutil.rmtree(final, ignore_errors=True)          # ranks may be loading its copy already
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed or superseded conversion leaves no copy behind
     # ds_to_universal points latest_universal at the temporary name; point it at the real one.
     atomic_write(os.path.join(root, "latest_universal"), os.path.basename(final))
     return final

@@ -111,7 +111,10 @@ class MlflowTracker(NullTracker):
                 # run continued from. The tag says from where each restart re-logged.
                 self.client.set_tag(run_id, f"restart_{restarts}.from_step", str(resume_step))
         else:
-            run = self.client.create_run(exp_id, run_name=run_name or None, tags={"restart_count": "0"})
+            tags = {"restart_count": "0"}
+            if resume_step is not None:  # a checkpoint without a run id (tracking was off, or another store)
+                tags["resumed_from_step"] = str(resume_step)
+            run = self.client.create_run(exp_id, run_name=run_name or None, tags=tags)
             self.run_id = run.info.run_id
         tags = slurm_tags()
         if tags:

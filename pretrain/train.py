@@ -280,14 +280,17 @@ def train(cfg: ExperimentConfig) -> str:
         if meta["world_size"] != info.world_size and use_ds:
             # A ZeRO checkpoint holds one shard per rank of the old data-parallel size: convert it to
             # DeepSpeed's universal format and load that, for this one load only.
-            if not universal_ready(ckpts.root, resume_tag):
+            from uuid import uuid4
+
+            # rank 0 decides for all: ranks looking at the folder themselves could disagree (a
+            # manual conversion finishing meanwhile, a stale NFS view) and run different collectives
+            need, attempt = broadcast_object(
+                (not universal_ready(ckpts.root, resume_tag), uuid4().hex) if info.rank == 0 else None)
+            if need:
                 if not cfg.checkpoint.auto_reshard:
                     raise TrainingError(
                         f"checkpoint {resume_tag} was written by {meta['world_size']} ranks, this run has "
                         f"{info.world_size}: run `python -m pretrain.reshard {ckpts.root}` first")
-                from uuid import uuid4
-
-                attempt = broadcast_object(uuid4().hex)
                 log0(info, f"converting checkpoint {resume_tag} (written by {meta['world_size']} ranks) to the "
                            f"universal format on rank 0")
                 convert_on_rank0(ckpts.root, resume_tag, info.rank, attempt, cfg.checkpoint.reshard_timeout_s)
@@ -305,7 +308,7 @@ def train(cfg: ExperimentConfig) -> str:
             seed_everything(cfg.train.seed + 1000003 * step + info.rank)
         log0(info, f"resuming from checkpoint {ckpts.root}/{load_tag} at step {step} "
                    f"({bytes_seen:,} bytes seen; written by {meta['world_size']} ranks, now {info.world_size})")
-    tracker = make_tracker(cfg, info.rank, run_id, step if run_id else None) if info.rank == 0 else NullTracker()
+    tracker = make_tracker(cfg, info.rank, run_id, step if resume_tag else None) if info.rank == 0 else NullTracker()
     if tracker.run_id:
         params = {"config": cfg.to_dict(), "world_size": info.world_size, "git_commit": git_commit(),
                   "versions": package_versions(), "ds": ds_config or {"engine": "plain"},

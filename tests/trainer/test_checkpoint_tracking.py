@@ -85,13 +85,19 @@ def test_mlflow_tracker_buffers_and_resumes_run(tmp_path, monkeypatch):
     t.finish("KILLED")
     run_id = t.run_id
 
-    r = MlflowTracker(uri, "unit", run_id=run_id)
+    r = MlflowTracker(uri, "unit", run_id=run_id, resume_step=5)
     r.log_params({"config": {"a": 1, "b": [1, 2]}, "world_size": 2, "new": 3})  # re-logging is fine
     r.log({"train/loss": 0.01}, 8)
     r.finish()
     run = r.client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["restart_count"] == "1" and run.data.tags["slurm.job_id"] == "777"
+    assert run.data.tags["restart_1.from_step"] == "5"
     assert run.data.params["config.a"] == "1" and run.data.params["new"] == "3"
     assert [m.step for m in r.client.get_metric_history(run_id, "train/loss")] == list(range(1, 9))
     assert [a.path for a in r.client.list_artifacts(run_id)] == ["config.yaml"]
+    # a checkpoint that carries no run id (tracking was off then): a new run that says where it starts
+    n = MlflowTracker(uri, "unit", resume_step=40)
+    n.finish()
+    tags = n.client.get_run(n.run_id).data.tags
+    assert n.run_id != run_id and tags["restart_count"] == "0" and tags["resumed_from_step"] == "40"

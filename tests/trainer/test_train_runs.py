@@ -257,6 +257,46 @@ def test_reshard_two_ranks_to_one_and_nan_guard(straight, tmp_path):
     assert sorted(new) == [35, 36] and all(math.isfinite(r["loss"]) for r in new.values())
 
 
+def test_conversion_survives_job_signals(straight, tmp_path):
+    """SLURM signals every process of the step (SIGUSR1 with --full, SIGTERM on preemption); the
+    trainer answers with a checkpoint once the conversion is done, so ds_to_universal, a child
+    process, must not die of them. Signals go to this process's children throughout."""
+    import os
+    import signal
+    import threading
+
+    from pretrain.reshard import convert_to_universal
+
+    root = tmp_path / "checkpoints"
+    shutil.copytree(straight / "checkpoints", root)
+    tag = (root / "latest").read_text().strip()
+    done, hits = threading.Event(), []
+
+    def signal_children():
+        me = str(os.getpid())
+        while not done.is_set():
+            for d in Path("/proc").iterdir():
+                try:
+                    if d.name.isdigit() and (d / "stat").read_text().rsplit(")", 1)[1].split()[1] == me:
+                        for sig in (signal.SIGUSR1, signal.SIGTERM):
+                            os.kill(int(d.name), sig)
+                        hits.append(d.name)
+                except (OSError, IndexError):
+                    pass
+            time.sleep(0.05)
+
+    th = threading.Thread(target=signal_children)
+    th.start()
+    try:
+        out = convert_to_universal(str(root), tag)
+    finally:
+        done.set()
+        th.join()
+    assert hits, "the converter child was never signalled"
+    assert os.path.isdir(os.path.join(out, "zero"))
+    assert not [p for p in os.listdir(root) if p.startswith(".tmp_")]  # no temporary copy left behind
+
+
 def _idx(run_dir: Path, split: str) -> str:
     import yaml
 
