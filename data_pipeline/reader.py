@@ -326,13 +326,11 @@ class StreamClient:
             return
         self.request_stop()
         # a worker only reads shards: when it does not stop at once (busy parsing, or blocked on a
-        # pipe another worker inherited), terminating it loses nothing
+        # pipe another worker inherited), killing it loses nothing (it ignores SIGTERM, see
+        # _worker_signals)
         self._proc.join(0.3)
         if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(2.0)
-        if self._proc.is_alive():
             self._proc.kill()
-            self._proc.join(1.0)
+            self._proc.join(2.0)
         if self._slots is not None and not self._slots.mem.closed:
             self._slots.mem.close()  # now, not at garbage collection: workers forked later would inherit it
