@@ -69,9 +69,9 @@ class BalancedStepLoader:
     restart_split_docs: the parts of a cut document each start with BOS and have no target across
                         the cut (default: continuations have no BOS, targets run across the cut).
     prefetch:           event batches (up to 64 documents / 1 MB each) a worker may read ahead.
-    mp_context:         multiprocessing start method of the workers (they only read shards).
-    shared_memory:      workers hand documents over in shared memory (fork only; otherwise, or
-                        when False, pickled through the pipe: same stream, more consumer CPU).
+    shared_memory:      workers hand documents over in shared memory (Linux memfd); when False,
+                        pickled through the pipe: the same stream, more CPU in this process.
+    Workers are fresh interpreters (fork + exec), never a fork of this possibly threaded process.
     per_rank:           micro-batches per rank per step, ceil(step_bytes / (dp_world x micro_batch_bytes));
                         fewer only in the last step of a finite run.
     """
@@ -80,8 +80,7 @@ class BalancedStepLoader:
                  dp_rank: int = 0, dp_world: int = 1, num_workers: int = 0, seed: int = 0,
                  cost_model: DocCostModel | None = None, on_error: str = "skip", round_to: int = 1,
                  epochs: int | None = None, group=None, lookahead: float = 0.25,
-                 restart_split_docs: bool = False, prefetch: int = 8, mp_context: str = "fork",
-                 shared_memory: bool = True):
+                 restart_split_docs: bool = False, prefetch: int = 8, shared_memory: bool = True):
         if on_error not in ("skip", "fail"):
             raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
         if round_to < 1 or micro_batch_bytes % round_to:
@@ -104,7 +103,7 @@ class BalancedStepLoader:
         self.restart_split_docs = restart_split_docs
         self.cost_model = cost_model or DocCostModel(1.0, [])
         self.per_rank = max(1, math.ceil(step_bytes / (dp_world * micro_batch_bytes)))
-        self.prefetch, self.mp_context, self.shared_memory = prefetch, mp_context, shared_memory
+        self.prefetch, self.shared_memory = prefetch, shared_memory
         self.min_gap_fill = 32  # positions: smaller gaps are not worth a cut
         self._group = self._resolve_group(group) if dp_world > 1 else None
         self._fingerprint = _shards_fingerprint(self.shards)
@@ -177,8 +176,7 @@ class BalancedStepLoader:
             args = dict(shards=self.shards, plan=self.plans[s], position=list(self.positions[s]),
                         epoch=self.epoch, seed=self.seed, stream=s, n_streams=self.n_streams,
                         epochs=self.epochs, on_error=self.on_error)
-            self._clients.append(StreamClient(args, self.workers > 0, self.prefetch, self.mp_context,
-                                              self.shared_memory))
+            self._clients.append(StreamClient(args, self.workers > 0, self.prefetch, self.shared_memory))
             self._exhausted[s] = False
         return self._clients
 

@@ -16,15 +16,14 @@ and raises DataError under the fail policy. After "epoch_end" a stream goes on i
 epoch with its fresh plan; the consumer decides when to read on (all ranks move epochs together).
 
 Streams run in the main process (num_workers=0) or in worker processes that prefetch batches of
-events (documents in shared-memory slots under fork, see _Slots; otherwise pickled into the
-pipe, whose buffer then bounds the prefetch); the consumer tracks positions from the
+events (documents in shared-memory slots, see _SlotWriter; otherwise pickled into the pipe,
+whose buffer then bounds the prefetch); the consumer tracks positions from the
 events it has *consumed*, so prefetched events never count, and a resume restarts the workers at
 the consumed positions.
 """
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import traceback
 from collections import deque
@@ -131,102 +130,106 @@ def iter_stream(shards: list[ShardInfo], plan, position, epoch: int, seed: int, 
 
 
 # ------------------------------------------------------------------ worker processes
+#
+# A worker is a fresh interpreter (subprocess: fork + exec at once), not a multiprocessing
+# fork of the consumer. The trainer has threads (gloo, DeepSpeed, torch); a plain fork copies
+# whatever lock one of them holds, and the child can hang before running a line of Python: the
+# 2-rank loader test hung that way in about 1 of 10 runs. exec leaves nothing of the parent.
+# Everything between the two is a file descriptor, so a consumer that goes away, however it
+# dies, ends its workers (EOF / EPIPE), and no stop event or process table is needed.
 
 _BATCH_EVENTS = 64
 _BATCH_BYTES = 1 << 20  # also the size of one shared-memory slot
 _F_SETPIPE_SZ = 1031  # Linux fcntl: a larger pipe buffer is the prefetch depth of the pipe transport
+_WORKER_TAG = "hnet-data-worker"  # in every worker's command line (ps, tests)
 
 
-class _Slots:
-    """Shared memory between a worker and its consumer: `n` slots of _BATCH_BYTES, used in turn.
+class _SlotWriter:
+    """The worker's side of the shared-memory slots (see StreamClient).
 
-    A worker copies a batch's documents into the next slot and sends only the events (with
-    (offset, length) in place of the bytes) over the pipe; the consumer copies the documents out
-    and frees the slot. Pickling the documents through the pipe instead costs the consumer a
-    read, a buffer copy and an unpickle per byte: with 2 workers on 2 cores that made the
-    consumer the bottleneck. `free` counts free slots, so the slot count bounds the prefetch.
-    Anonymous shared memory is inherited by fork only; other start methods use the pipe alone."""
+    `n` slots of _BATCH_BYTES in a memfd, used in turn. The free slots are tokens in a pipe: the
+    worker reads one before filling a slot, the consumer writes one back once it has copied a
+    slot's documents out. Pickling the documents through the data pipe instead costs the
+    consumer a read, a buffer copy and an unpickle per byte: with 2 workers on 2 cores that made
+    the consumer, the one process every byte goes through, the bottleneck."""
 
-    def __init__(self, ctx, n: int):
+    def __init__(self, mem_fd: int, free_fd: int, n: int):
         import mmap
 
-        self.n = n
-        self.mem = mmap.mmap(-1, n * _BATCH_BYTES)
-        self.free = ctx.Semaphore(n)
-        self.consumer_pid = os.getpid()
+        self.n, self.free_fd, self.slot = n, free_fd, 0
+        self.mem = mmap.mmap(mem_fd, n * _BATCH_BYTES)
+        os.close(mem_fd)
 
-    def acquire(self, stop) -> bool:
-        """Wait for a free slot; False once the consumer has asked the worker to stop, or has died
-        (killed, it never frees a slot nor sets `stop`: without this check the worker would wait
-        forever as an orphan)."""
-        while not self.free.acquire(timeout=0.2):
-            if stop.is_set() or os.getppid() != self.consumer_pid:
-                return False
-        return True
+    def acquire(self) -> bool:
+        """Wait for a free slot; False once the consumer has closed the token pipe (stopped or died)."""
+        return os.read(self.free_fd, 1) != b""
 
-
-def _send_batch(conn, batch: list, slots: _Slots | None, slot: int, stop) -> int:
-    """Send one batch; returns the slot the next batch uses (-1: stop requested)."""
-    if slots is None:
-        conn.send((None, batch))
-        return slot
-    if stop.is_set():
-        return -1
-    base, off, out = slot * _BATCH_BYTES, 0, []
-    for ev in batch:
-        if ev[0] == "doc" and off + len(ev[5]) <= _BATCH_BYTES:
-            n = len(ev[5])
-            slots.mem[base + off:base + off + n] = ev[5]
-            ev = ev[:5] + ((off, n),)
-            off += n
-        out.append(ev)  # a document larger than a slot travels in the pickle
-    conn.send((slot, out))
-    nxt = (slot + 1) % slots.n
-    return nxt if slots.acquire(stop) else -1
+    def pack(self, batch: list) -> list:
+        """Documents of `batch` into the current slot; the events carry (offset, length) instead."""
+        base, off, out = self.slot * _BATCH_BYTES, 0, []
+        for ev in batch:
+            if ev[0] == "doc" and off + len(ev[5]) <= _BATCH_BYTES:
+                n = len(ev[5])
+                self.mem[base + off:base + off + n] = ev[5]
+                ev = ev[:5] + ((off, n),)
+                off += n
+            out.append(ev)  # a document larger than a slot travels in the pickle
+        return out
 
 
 def _worker_signals() -> None:
     """A worker ignores SIGTERM, SIGUSR1 and SIGINT: they are the consumer's business. SLURM sends
     SIGTERM (preemption with GraceTime, scancel) and SIGUSR1 (--signal with --full) to every
     process of the step, and Ctrl-C reaches the whole process group; the trainer answers them
-    with a checkpoint, for which it still needs its data, so a worker must not die of them. The
-    forked worker's inherited handler would only set a flag that nothing reads here. A worker
-    ends when its consumer stops it, or goes away (EPIPE on the pipe, or a changed parent pid
-    while it waits for a slot)."""
+    with a checkpoint, for which it still needs its data, so a worker must not die of them. A
+    worker ends when its consumer stops it or goes away: EOF on the token pipe, EPIPE on the
+    data pipe."""
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _worker_main(args: dict, conn, parent_conn, stop, slots: _Slots | None = None) -> None:
-    """Runs one stream in a worker process; events go to the consumer in batches.
+def worker_process_main() -> None:
+    """Entry point of a worker process: its setup arrives pickled on stdin."""
+    import pickle
+    import sys
+    from multiprocessing.connection import Connection
 
-    The pipe carries every batch (the documents themselves go through `slots` when there are
-    any): a send blocks while the consumer is `prefetch` batches behind, and fails
-    (BrokenPipeError) once the consumer has closed its end, which ends the worker."""
-    parent_conn.close()  # the inherited read end: without it, a closed consumer means BrokenPipeError here
     _worker_signals()
+    args, data_fd, slots_fds = pickle.load(sys.stdin.buffer)
+    conn = Connection(data_fd, readable=False)
+    slots = _SlotWriter(*slots_fds) if slots_fds else None
+    _run_worker(args, conn, slots)
+
+
+def _run_worker(args: dict, conn, slots: _SlotWriter | None) -> None:
+    """Runs one stream; events go to the consumer in batches over `conn` (their documents through
+    `slots` when there are any). A send blocks while the consumer is `prefetch` batches behind."""
     batch, nbytes = [], 0
-    slot = 0
+
+    def send(events: list) -> bool:
+        if slots is None:
+            conn.send((None, events))
+            return True
+        conn.send((slots.slot, slots.pack(events)))
+        slots.slot = (slots.slot + 1) % slots.n
+        return slots.acquire()
+
     try:
-        if slots is not None and not slots.acquire(stop):
+        if slots is not None and not slots.acquire():
             return
         for ev in iter_stream(**args):
             n = len(ev[5]) if ev[0] == "doc" else 0
             if batch and nbytes + n > _BATCH_BYTES:  # keep a batch within one slot
                 sent, batch, nbytes = batch, [], 0  # reset first: the error path sends only unsent events
-                slot = _send_batch(conn, sent, slots, slot, stop)
-                if slot < 0:
+                if not send(sent):
                     return
             batch.append(ev)
             nbytes += n
             if len(batch) >= _BATCH_EVENTS or nbytes >= _BATCH_BYTES or ev[0] != "doc":
-                if stop.is_set():
-                    return
                 sent, batch, nbytes = batch, [], 0
-                slot = _send_batch(conn, sent, slots, slot, stop)
-                if slot < 0:
+                if not send(sent):
                     return
             if ev[0] == "end":
                 return
@@ -256,32 +259,57 @@ def _pipe_size(wanted: int) -> int:
 class StreamClient:
     """The consumer's handle on one stream: in-process generator or a worker process.
 
-    The consumer holds only the read end of the worker's pipe: when the worker dies, even half
-    way through a batch, the read ends with EOF and the death is reported, never a hang.
+    The consumer holds only the read end of the worker's data pipe: when the worker dies, even
+    half way through a batch, the read ends with EOF and the death is reported, never a hang.
+    shared_memory: documents through memfd slots (Linux); else pickled through the data pipe.
     """
 
-    def __init__(self, args: dict, use_process: bool, prefetch: int = 8, mp_context: str = "fork",
-                 shared_memory: bool = True):
+    def __init__(self, args: dict, use_process: bool, prefetch: int = 8, shared_memory: bool = True):
         self.args = args
         self._buf: deque = deque()
         self._proc = None
-        if use_process:
-            ctx = mp.get_context(mp_context)
-            self._conn, child_conn = ctx.Pipe(duplex=False)
-            self._slots = _Slots(ctx, max(1, prefetch)) if shared_memory and mp_context == "fork" else None
-            try:  # with slots the pipe still carries the events, and documents larger than a slot
-                import fcntl
-
-                fcntl.fcntl(self._conn.fileno(), _F_SETPIPE_SZ, _pipe_size(max(1, prefetch) * _BATCH_BYTES))
-            except (ImportError, OSError):  # not Linux, or over pipe-max-size: the default buffer
-                pass
-            self._stop = ctx.Event()
-            self._proc = ctx.Process(target=_worker_main, daemon=True, name=f"data-stream-{args['stream']}",
-                                     args=(args, child_conn, self._conn, self._stop, self._slots))
-            self._proc.start()
-            child_conn.close()  # ours closed: the pipe reports EOF as soon as the worker is gone
-        else:
+        if not use_process:
             self._gen = iter_stream(**args)
+            return
+        import pickle
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        n = max(1, prefetch)
+        data_r, data_w = os.pipe()
+        try:
+            import fcntl
+
+            fcntl.fcntl(data_r, _F_SETPIPE_SZ, _pipe_size(n * _BATCH_BYTES))
+        except (ImportError, OSError):  # not Linux, or over pipe-max-size: the default buffer
+            pass
+        child_fds, slots_fds = [data_w], None
+        self._mem = self._free_w = None
+        if shared_memory and hasattr(os, "memfd_create"):
+            import mmap
+
+            mem_fd = os.memfd_create("hnet-data-slots", os.MFD_CLOEXEC)
+            os.ftruncate(mem_fd, n * _BATCH_BYTES)
+            self._mem = mmap.mmap(mem_fd, n * _BATCH_BYTES)
+            free_r, self._free_w = os.pipe()
+            os.write(self._free_w, b"\0" * n)  # n free slots
+            child_fds += [mem_fd, free_r]
+            slots_fds = (mem_fd, free_r, n)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [package_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", "from data_pipeline.reader import worker_process_main; worker_process_main()",
+                 _WORKER_TAG, f"stream={args['stream']}", f"consumer={os.getpid()}"],
+                stdin=subprocess.PIPE, pass_fds=child_fds, env=env)
+            self._proc.stdin.write(pickle.dumps((args, data_w, slots_fds)))
+            self._proc.stdin.close()
+        finally:
+            for fd in child_fds:  # the worker's ends: ours closed, so EOF / EPIPE mean "the other side is gone"
+                os.close(fd)
+        self._conn = Connection(data_r, writable=False)
 
     def next(self) -> tuple:
         if self._proc is None:
@@ -289,14 +317,17 @@ class StreamClient:
         while not self._buf:
             try:
                 if not self._conn.poll(1.0):
-                    if not self._proc.is_alive() and not self._conn.poll(0.5):
+                    if self._proc.poll() is not None and not self._conn.poll(0.5):
                         raise EOFError
                     continue
                 self._receive()
             except (EOFError, OSError):
-                self._proc.join(1.0)
+                try:
+                    self._proc.wait(1.0)
+                except Exception:
+                    pass
                 raise RuntimeError(f"data worker for stream {self.args['stream']} died "
-                                   f"(exit code {self._proc.exitcode}) without reporting an error") from None
+                                   f"(exit code {self._proc.returncode}) without reporting an error") from None
         ev = self._buf.popleft()
         if ev[0] == "error":
             raise DataError(f"data worker for stream {self.args['stream']} failed: {ev[1]}\n{ev[4]}",
@@ -306,31 +337,41 @@ class StreamClient:
     def _receive(self) -> None:
         slot, batch = self._conn.recv()
         if slot is not None:
-            mem, base = self._slots.mem, slot * _BATCH_BYTES
+            mem, base = self._mem, slot * _BATCH_BYTES
             for i, ev in enumerate(batch):
                 if ev[0] == "doc" and isinstance(ev[5], tuple):
                     off, n = ev[5]
                     batch[i] = ev[:5] + (mem[base + off:base + off + n],)
-            self._slots.free.release()  # copied out: the worker may fill this slot again
+            try:
+                os.write(self._free_w, b"\0")  # copied out: the worker may fill this slot again
+            except BrokenPipeError:
+                pass  # the worker has ended after its last batch: nobody needs the slot
         self._buf.extend(batch)
 
     def request_stop(self) -> None:
-        """Tell the worker to stop (close() waits for it); lets several workers stop in parallel."""
+        """Tell the worker to stop (close() waits for it); lets several workers stop in parallel.
+        Closing our pipe ends is the message: the worker's next read or send fails."""
         if self._proc is not None:
-            self._stop.set()
-            self._conn.close()  # a worker blocked in send gets BrokenPipeError at once
+            if not self._conn.closed:
+                self._conn.close()
+            if self._free_w is not None:
+                os.close(self._free_w)
+                self._free_w = None
 
     def close(self) -> None:
         if self._proc is None:
             self._gen.close()
             return
         self.request_stop()
-        # a worker only reads shards: when it does not stop at once (busy parsing, or blocked on a
-        # pipe another worker inherited), killing it loses nothing (it ignores SIGTERM, see
-        # _worker_signals)
-        self._proc.join(0.3)
-        if self._proc.is_alive():
+        # a worker only reads shards: when it does not stop at once (busy parsing a shard),
+        # killing it loses nothing (it ignores SIGTERM, see _worker_signals)
+        try:
+            self._proc.wait(0.3)
+        except Exception:
             self._proc.kill()
-            self._proc.join(2.0)
-        if self._slots is not None and not self._slots.mem.closed:
-            self._slots.mem.close()  # now, not at garbage collection: workers forked later would inherit it
+            try:
+                self._proc.wait(2.0)
+            except Exception:
+                pass
+        if self._mem is not None and not self._mem.closed:
+            self._mem.close()

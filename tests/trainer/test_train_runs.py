@@ -57,8 +57,7 @@ def straight(tmp_path_factory, demo_shards) -> Path:
 
 
 def processes_mentioning(text: str) -> list[int]:
-    """Live (not zombie) processes whose command line contains `text`: forked data workers
-    carry their rank's command line."""
+    """Live (not zombie) processes whose command line contains `text`."""
     out = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -82,6 +81,7 @@ def interrupted(tmp_path_factory, demo_shards) -> dict:
     base = tmp_path_factory.mktemp("interrupted")
     run_dir = base / "run"
     latest = run_dir / "checkpoints" / "latest"
+    assert not processes_mentioning("hnet-data-worker"), "data workers of an earlier test still run"
 
     def args(*extra):  # the straight run's arguments plus the data workers
         return common(run_dir, demo_shards, "data.num_workers=1", *extra)
@@ -120,9 +120,9 @@ def interrupted(tmp_path_factory, demo_shards) -> dict:
     logs3.mkdir()
     run_ranks(train_argv(*args()), 2, base, log_dir=logs3, timeout=300)
     deadline = time.time() + 10
-    while processes_mentioning(str(run_dir)) and time.time() < deadline:
+    while processes_mentioning("hnet-data-worker") and time.time() < deadline:
         time.sleep(0.2)
-    assert not processes_mentioning(str(run_dir)), "processes (data workers?) outlived the killed launches"
+    assert not processes_mentioning("hnet-data-worker"), "data workers outlived the killed launches"
     return {"run_dir": run_dir, "launch2": launch2_out, "launch3": (logs3 / "rank0.log").read_text()}
 
 
