@@ -8,7 +8,7 @@ Writes bench-results/data_pipeline.json. Figures:
   tars with Python's tarfile (reading every member) in the same run, on the demo corpus. The
   loader's rate is measured from its first step on (start-up, reported apart, is a one-off), and
   the CPU time per MB of the consumer and of the workers says what a machine with more cores
-  than this one could reach.
+  than this one could reach (the workers' figure includes starting their interpreters).
 - packing efficiency (real bytes / row capacity) on the demo corpus at 8192 and 65536 bytes per
   micro-batch, 8 micro-batches per step, over 2 epochs' worth of steps.
 - imbalance (max/mean estimated cost per rank) with 8 simulated ranks on the demo corpus, LPT
@@ -37,7 +37,8 @@ from data_pipeline.index import load_index  # noqa: E402
 from data_pipeline.packer import split_piece  # noqa: E402
 from data_pipeline.tario import iter_samples  # noqa: E402
 
-EPOCHS = 60  # passes over the ~4 MB demo corpus per throughput measurement
+EPOCHS = 250  # passes over the ~4 MB demo corpus per throughput measurement (about 1 GB: a window of
+#               about a second, short ones were noisy by +-20%)
 
 
 def raw_tarfile_mb_s(urls: list[str]) -> float:
