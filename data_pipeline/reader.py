@@ -24,9 +24,15 @@ the consumed positions.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
+import pickle
+import signal
+import subprocess
+import sys
 import traceback
 from collections import deque
+from multiprocessing.connection import Connection
 from typing import Iterator
 
 import numpy as np
@@ -154,8 +160,6 @@ class _SlotWriter:
     the consumer, the one process every byte goes through, the bottleneck."""
 
     def __init__(self, mem_fd: int, free_fd: int, n: int):
-        import mmap
-
         self.n, self.free_fd, self.slot = n, free_fd, 0
         self.mem = mmap.mmap(mem_fd, n * _BATCH_BYTES)
         os.close(mem_fd)
@@ -184,18 +188,12 @@ def _worker_signals() -> None:
     with a checkpoint, for which it still needs its data, so a worker must not die of them. A
     worker ends when its consumer stops it or goes away: EOF on the token pipe, EPIPE on the
     data pipe."""
-    import signal
-
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 
 def worker_process_main() -> None:
     """Entry point of a worker process: its setup arrives pickled on stdin."""
-    import pickle
-    import sys
-    from multiprocessing.connection import Connection
-
     _worker_signals()
     args, data_fd, slots_fds = pickle.load(sys.stdin.buffer)
     conn = Connection(data_fd, readable=False)
@@ -271,11 +269,6 @@ class StreamClient:
         if not use_process:
             self._gen = iter_stream(**args)
             return
-        import pickle
-        import subprocess
-        import sys
-        from multiprocessing.connection import Connection
-
         n = max(1, prefetch)
         data_r, data_w = os.pipe()
         try:
@@ -287,8 +280,6 @@ class StreamClient:
         child_fds, slots_fds = [data_w], None
         self._mem = self._free_w = None
         if shared_memory and hasattr(os, "memfd_create"):
-            import mmap
-
             mem_fd = os.memfd_create("hnet-data-slots", os.MFD_CLOEXEC)
             os.ftruncate(mem_fd, n * _BATCH_BYTES)
             self._mem = mmap.mmap(mem_fd, n * _BATCH_BYTES)

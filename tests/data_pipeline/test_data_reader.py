@@ -265,7 +265,7 @@ def test_workers_exit_when_their_consumer_is_killed(shard_set, shared_memory):
 
 def test_worker_signals(shard_set):
     """SLURM's SIGTERM and SIGUSR1 and a Ctrl-C reach every process of the step: the trainer
-    answers them with a checkpoint, so its workers (forked with its handlers) must go on reading
+    answers them with a checkpoint, so its workers must go on reading
     until it stops them."""
     import signal
 
