@@ -212,7 +212,8 @@ def _run_worker(args: dict, conn, slots: _SlotWriter | None) -> None:
             return True
         conn.send((slots.slot, slots.pack(events)))
         slots.slot = (slots.slot + 1) % slots.n
-        return slots.acquire()
+        # the next batch's slot; after the stream's last event there is none to wait for
+        return events[-1][0] == "end" or slots.acquire()
 
     try:
         if slots is not None and not slots.acquire():

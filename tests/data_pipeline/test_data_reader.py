@@ -301,7 +301,7 @@ def test_events_of_a_worker_that_already_ended(shard_set):
     args = dict(shards=shards, plan=[], position=[0, 0], epoch=0, seed=0, stream=0, n_streams=1,
                 epochs=1, on_error="skip")
     for shared_memory in (True, False):
-        client = StreamClient(args, True, prefetch=4, shared_memory=shared_memory)
+        client = StreamClient(args, True, prefetch=2, shared_memory=shared_memory)  # 2 slots, 2 batches: no wait
         client._proc.wait(30)  # ended, its pipe ends closed
         assert [client.next(), client.next()] == [("epoch_end", 0), ("end",)]
         client.close()
