@@ -8,7 +8,7 @@ import importlib
 
 _EXPORTS = {
     "BalancedStepLoader": "loader", "StepBatch": "loader",
-    "DocCostModel": "balance", "partition_lpt": "balance", "plan_step": "balance",
+    "ByteCost": "balance", "partition_lpt": "balance", "plan_step": "balance",
     "MicroBatch": "batch", "IGNORE_INDEX": "batch",
     "BOS": "packer", "Piece": "packer", "pack_row": "packer", "split_piece": "packer",
     "ShardInfo": "index", "load_index": "index", "index_existing_shards": "index",

@@ -1,10 +1,9 @@
 """Load balancing: assign pieces to dp_world x M micro-batches with near-equal cost per rank.
 
-Cost of a piece of n positions (one attention span: pieces are separate cu_seqlens segments):
-    cost(n) = linear_per_byte * n + sum_k coef_k * pairs(n / bytes_per_position_k, window_k)
-where pairs(m, w) counts causal (query, key) pairs, each query seeing itself and at most w keys before it. The outer
-stages are linear in bytes; each attention stage is quadratic in the document's chunk count at
-that stage, estimated from the stage's compression ratio (bytes per position).
+The cost of a piece of n positions (one attention span: pieces are separate cu_seqlens segments)
+comes from a cost model the caller provides: by default its byte count (`ByteCost`); the trainer
+passes the model's FLOP estimate, linear in bytes for the outer stages and quadratic in the
+document's chunk count for each attention stage (`pretrain.model.DocCostModel`).
 
 The partition is greedy LPT (longest processing time first) with a byte capacity per
 micro-batch: pieces carried over from the previous step go first (so nothing starves), then the
@@ -17,55 +16,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# The cost model counts attention pairs exactly as the model's FLOP estimate does.
-from pretrain.model.flops import attention_pairs as pairs
-
 from .packer import Piece, cut_piece, split_piece
 
 
-class DocCostModel:
-    """Estimated training cost (FLOPs or any consistent unit) of one document of n bytes.
-
-    linear_per_byte: cost per byte of everything linear in length (SSM layers, MLPs, projections).
-    attention_terms: (coef, bytes_per_position, window or None) per attention stage.
-    """
-
-    def __init__(self, linear_per_byte: float = 1.0,
-                 attention_terms: list[tuple[float, float, int | None]] | None = None):
-        self.linear_per_byte = float(linear_per_byte)
-        self.attention_terms = [(float(c), float(b), None if w is None else int(w))
-                                for c, b, w in (attention_terms or [])]
+class ByteCost:
+    """The default cost of a document: its byte count. Any object with `__call__(n_bytes) -> cost`,
+    `state_dict()` and `load_state_dict()` can replace it; the trainer hands the loader the
+    model's FLOP estimate (`pretrain.model.DocCostModel`), so the data pipeline never imports the
+    model. Its state has DocCostModel's form (linear 1, no attention terms); loading a state
+    changes nothing: a run configured to balance by bytes does so, whatever it resumed from."""
 
     def __call__(self, n_bytes: int) -> float:
-        c = self.linear_per_byte * n_bytes
-        for coef, bpp, window in self.attention_terms:
-            c += coef * pairs(n_bytes / bpp, window)
-        return c
-
-    def update_ratios(self, bytes_per_position: list[float]) -> None:
-        """Measured compression (bytes per position at each attention term's stage), same order."""
-        if len(bytes_per_position) != len(self.attention_terms):
-            raise ValueError(f"got {len(bytes_per_position)} ratios for "
-                             f"{len(self.attention_terms)} attention terms")
-        self.attention_terms = [(c, max(float(b), 1e-6), w)
-                                for (c, _, w), b in zip(self.attention_terms, bytes_per_position)]
+        return float(n_bytes)
 
     def state_dict(self) -> dict:
-        return {"linear_per_byte": self.linear_per_byte,
-                "attention_terms": [list(t) for t in self.attention_terms]}
+        return {"linear_per_byte": 1.0, "attention_terms": []}
 
     def load_state_dict(self, state: dict) -> None:
-        self.__init__(state["linear_per_byte"], [tuple(t) for t in state["attention_terms"]])
-
-    @classmethod
-    def from_model_config(cls, config, ratios: list[float] | None = None) -> "DocCostModel":
-        """From the model's FLOP estimate (pretrain.model.document_cost_terms)."""
-        from pretrain.model import document_cost_terms
-
-        return cls(*document_cost_terms(config, ratios))
-
-    def __repr__(self) -> str:
-        return f"DocCostModel({self.linear_per_byte}, {self.attention_terms})"
+        pass
 
 
 @dataclass
@@ -253,7 +221,7 @@ class StepPlan:
 
 
 def plan_step(window: list[Piece], n_priority: int, n_ranks: int, per_rank: int, capacity: int,
-              cost_model: DocCostModel, last: bool = False, restart_split_docs: bool = False,
+              cost_model, last: bool = False, restart_split_docs: bool = False,
               min_gap_fill: int = 32) -> StepPlan:
     """Partition a step's window: LPT + local search, then gap filling by cutting long pieces.
 

@@ -21,7 +21,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from .balance import DocCostModel, imbalance, plan_step, round_robin_costs
+from .balance import ByteCost, imbalance, plan_step, round_robin_costs
 from .batch import MicroBatch
 from .index import load_indexes
 from .packer import Piece, pack_row, split_piece
@@ -78,7 +78,7 @@ class BalancedStepLoader:
 
     def __init__(self, index_paths: list[str], micro_batch_bytes: int, step_bytes: int,
                  dp_rank: int = 0, dp_world: int = 1, num_workers: int = 0, seed: int = 0,
-                 cost_model: DocCostModel | None = None, on_error: str = "skip", round_to: int = 1,
+                 cost_model=None, on_error: str = "skip", round_to: int = 1,
                  epochs: int | None = None, group=None, lookahead: float = 0.25,
                  restart_split_docs: bool = False, prefetch: int = 8, shared_memory: bool = True):
         if on_error not in ("skip", "fail"):
@@ -101,7 +101,7 @@ class BalancedStepLoader:
         self.seed, self.epochs, self.on_error = seed, epochs, on_error
         self.round_to, self.lookahead = round_to, lookahead
         self.restart_split_docs = restart_split_docs
-        self.cost_model = cost_model or DocCostModel(1.0, [])
+        self.cost_model = cost_model if cost_model is not None else ByteCost()
         self.per_rank = max(1, math.ceil(step_bytes / (dp_world * micro_batch_bytes)))
         self.prefetch, self.shared_memory = prefetch, shared_memory
         self.min_gap_fill = 32  # positions: smaller gaps are not worth a cut

@@ -2,14 +2,16 @@
 
 torchrun and the deepspeed launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
 MASTER_PORT. srun only sets SLURM_* variables, and `deepspeed.init_distributed()` does not read
-them (it would fall back to mpi4py discovery), so they are mapped to torch's names here first.
+them (it would fall back to mpi4py discovery), so they are mapped to torch's names first, by
+`parallel.slurm_env` (the one mapping; cluster/launch.sh runs it too).
 """
 from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
+
+from .slurm_env import LaunchError, slurm_port, slurm_to_torch  # noqa: F401  (slurm_port: public)
 
 
 @dataclass(frozen=True)
@@ -30,37 +32,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list ('node[01-04]' -> 'node01') via `scontrol show hostnames`."""
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
-        if out:
-            return out[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    # No scontrol (or it failed): a plain list 'a,b' or a single name still works.
-    if "[" not in nodelist:
-        return nodelist.split(",")[0]
-    raise RuntimeError(f"cannot expand SLURM node list {nodelist!r}: `scontrol show hostnames` failed")
-
-
-def slurm_port(job_id: str) -> int:
-    """A port derived from the job id, so every task of a job agrees without talking. The same
-    formula as cluster/launch.sh (the wrapper train.sbatch uses); this mapping is the fallback for
-    a bare `srun python -m pretrain.train`."""
-    return 15000 + int(job_id) % 15000
-
-
 def map_launcher_env(env: dict | None = None) -> dict[str, str]:
     """Returns the torch rendezvous variables for this process (does not modify `env`).
 
-    Priority: variables set by torchrun / deepspeed; else SLURM's (srun task per rank);
-    else a single process on localhost with a free port.
+    Priority: variables set by torchrun / deepspeed; else SLURM's (srun task per rank), mapped by
+    `parallel.slurm_env` (the same mapping cluster/launch.sh applies); else a single process on
+    localhost with a free port.
     """
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
-        out = {k: env[k] for k in ("RANK", "WORLD_SIZE") }
+        out = {k: env[k] for k in ("RANK", "WORLD_SIZE")}
         out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
         out["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
         out["MASTER_PORT"] = env.get("MASTER_PORT", "29500")
@@ -68,18 +49,11 @@ def map_launcher_env(env: dict | None = None) -> dict[str, str]:
         return out
     # Only inside an srun step (SLURM_STEP_ID set): the batch script of sbatch/salloc also sees
     # SLURM_PROCID=0 and SLURM_NTASKS=N, and a plain process there would wait for N-1 peers.
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
-        job = env.get("SLURM_JOB_ID", "0")
-        nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-                    or "localhost")
-        return {
-            "RANK": env["SLURM_PROCID"],
-            "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"],
-            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-            "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(nodelist),
-            "MASTER_PORT": env.get("MASTER_PORT") or str(slurm_port(job)),
-            "_LAUNCHER": "slurm",
-        }
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        try:
+            return {**slurm_to_torch(env), "_LAUNCHER": "slurm"}
+        except LaunchError as e:
+            raise RuntimeError(f"cannot map this srun task's SLURM variables: {e}") from None
     return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
             "MASTER_PORT": env.get("MASTER_PORT") or str(free_port()), "_LAUNCHER": "single"}
 

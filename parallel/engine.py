@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 
 # Keys the trainer derives from the experiment config. The gradient-accumulation count is fixed at 1
 # because the step (parallel/step.py) drives the accumulation boundary itself: the number of

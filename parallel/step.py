@@ -1,7 +1,8 @@
 """How one optimizer step's forward and backward run over the engines.
 
-The training loop (pretrain/train.py) only sees a `StepExecutor`: `train_step(step_batch)`,
-`eval_forward(micro_batch)`, `save` / `load`, `param_groups`. Two executors exist:
+The training loop (pretrain/train.py) only sees a `StepExecutor`: `batches(loader)`,
+`train_step(step_batch)`, `eval_step(step_batch)`, `save` / `load` (the checkpoint manager's
+storage), `param_groups`. Two executors exist:
 
 - `ZeroStep`: one DeepSpeed engine (ZeRO-1/2/3) over all ranks, i.e. data parallel.
 - `PlainStep`: one process, plain PyTorch AdamW, no DeepSpeed (baselines, equivalence tests).
@@ -9,10 +10,13 @@ The training loop (pretrain/train.py) only sees a `StepExecutor`: `train_step(st
 A pipeline schedule over per-stage ZeRO-3 engines is a third executor with the same interface,
 so the loop, checkpointing, evaluation and tracking stay as they are.
 
-Token weighting (REFERENCE.md section 3): every real target byte of the global step weighs the
-same. Micro-batch i's summed cross-entropy is scaled by DP / global_targets before backward;
-DeepSpeed then averages gradients over the DP ranks (divide by DP) and, with its gradient
-accumulation count fixed at 1 and the accumulation boundary driven here, divides by 1. The
+Token weighting: every real target byte of the global step weighs the same. DeepSpeed's
+`engine.backward` divides the loss by the gradient-accumulation count and its reduction averages
+gradients over the data-parallel ranks, so left alone every micro-batch would weigh the same
+whatever its number of targets. Instead micro-batch i's summed cross-entropy is scaled by
+DP / global_targets before backward; DeepSpeed then averages gradients over the DP ranks (divide
+by DP) and, with its gradient accumulation count fixed at 1 and the accumulation boundary
+driven here (`set_gradient_accumulation_boundary`, `scale_wrt_gas=False`), divides by 1. The
 gradient is therefore d(sum over all targets of CE / global_targets), whatever rank or
 micro-batch a byte landed in. The ratio loss (per micro-batch, alpha-weighted) is averaged over
 all micro-batches of the step: scaled by 1 / n_micro before the same DP average.
@@ -42,6 +46,7 @@ class StepResult:
     skipped: bool  # non-finite loss or gradient: no parameter update
     n_micro: int
     bad_keys: list[str] = field(default_factory=list)  # this rank's keys of the micro-batches that went bad
+    extra_metrics: dict[str, float] = field(default_factory=dict)  # executor-specific (e.g. perf/bubble/rank{k})
 
     @property
     def loss(self) -> float:
@@ -141,6 +146,11 @@ class StepExecutor:
     def param_groups(self) -> list[dict]:
         raise NotImplementedError
 
+    def batches(self, loader):
+        """The step batches this rank trains on (an executor whose ranks do not all read data
+        hands the others what they need to know)."""
+        return iter(loader)
+
     def train_step(self, batch, inject_nan: bool = False) -> StepResult:
         raise NotImplementedError
 
@@ -149,6 +159,10 @@ class StepExecutor:
         """One forward without gradients; returns the model output."""
         ids, labels, cu = _to(mb, self.device)
         return self._forward(ids, cu, labels, _n_real(mb))
+
+    def eval_step(self, batch) -> list:
+        """(micro-batch, model output) for the micro-batches whose loss this rank computes."""
+        return [(mb, self.eval_forward(mb)) for mb in batch.micro_batches]
 
     def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
         raise NotImplementedError

@@ -10,6 +10,14 @@ Layout under the checkpoint directory::
 (DeepSpeed's own `latest` is disabled), then a barrier, then rank 0 writes COMPLETE and replaces
 `latest` atomically (write a temporary file, fsync, rename). A crash anywhere before the rename
 leaves `latest` on the previous checkpoint, which stays loadable.
+
+What a checkpoint holds is registered once (torchtitan's checkpoint manager and Lingua's
+train state are the models): `register_storage(executor)` names what writes the engine shards
+(`save(root, tag, client_state)` / `load(root, tag, universal) -> client_state`), and
+`register(name, obj)` adds any object with `state_dict()` / `load_state_dict()` (the loop's
+counters, the data loader, the schedule, the RNG states, the MLflow run id). `save_registered`
+puts every registered state into the engine's client state; `restore` loads them all back, in
+registration order, and refuses a checkpoint that lacks one.
 """
 from __future__ import annotations
 
@@ -20,11 +28,13 @@ import shutil
 import tempfile
 
 from parallel.distributed import barrier
+from pretrain.errors import TrainingError
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 META = "meta.json"
+CLIENT_FORMAT = "hnet-trainer/2"  # client state = {"format", "states": {registered name: state}, ...}
 
 
 def tag_for(step: int) -> str:
@@ -59,12 +69,82 @@ def atomic_write(path: str, text: str) -> None:
         os.close(dfd)
 
 
+def model_shape(model_dict: dict) -> dict:
+    """The part of a model config that decides parameter shapes (ratio targets and alpha may change)."""
+    return {k: v for k, v in model_dict.items() if k not in ("ratio_targets", "ratio_alpha")}
+
+
+def describe_difference(have: dict, want: dict, prefix: str = "model.") -> str:
+    diffs = []
+    for k in sorted(set(have) | set(want)):
+        if have.get(k) != want.get(k):
+            diffs.append(f"{prefix}{k}: checkpoint {have.get(k)!r} vs requested {want.get(k)!r}")
+    return "; ".join(diffs)
+
+
+def _legacy_states(client: dict) -> dict:
+    """The registered states of a checkpoint written before registration existed (hand-built
+    client-state keys), under the names the trainer registers."""
+    return {"train": {k: client.get(k, 0) for k in ("step", "bytes_seen", "bad_steps_in_a_row")},
+            "data": client["data_state"], "schedule": client["schedule"],
+            "rng": {"world_size": client["world_size"], "ranks": client["rng"]},
+            "tracking": {"run_id": client.get("mlflow_run_id")}}
+
+
 class CheckpointManager:
     def __init__(self, root: str, keep_last: int = 3, keep_every: int = 0, rank: int = 0):
         self.root = root
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.rank = rank
+        self.storage = None
+        self._stateful: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ registration
+    def register_storage(self, storage) -> None:
+        """What writes and reads the engine files (an executor: `save`, `load`)."""
+        self.storage = storage
+
+    def register(self, name: str, obj) -> None:
+        """`obj` (state_dict / load_state_dict) is saved in every checkpoint and restored on resume."""
+        if name in self._stateful:
+            raise ValueError(f"checkpoint state {name!r} is registered twice")
+        self._stateful[name] = obj
+
+    def save_registered(self, step: int, meta: dict, config_yaml: str, extra: dict | None = None,
+                        crash_hook=None) -> str:
+        """Saves the engine files and every registered state (on every rank). Returns the tag."""
+        client = {"format": CLIENT_FORMAT, "states": {n: o.state_dict() for n, o in self._stateful.items()},
+                  **(extra or {})}
+        return self.save(self.storage, step, client, meta, config_yaml, crash_hook=crash_hook)
+
+    def restore(self, tag: str, universal: bool = False) -> None:
+        """Loads the engine files of `tag` and every registered state, in registration order."""
+        client = self.storage.load(self.root, tag, universal=universal)
+        states = client["states"] if client.get("format") == CLIENT_FORMAT else _legacy_states(client)
+        missing = [n for n in self._stateful if n not in states]
+        if missing:
+            raise TrainingError(f"checkpoint {self.root}/{tag} holds no saved state for {missing}: it was written "
+                                f"by a trainer that did not have them; resume it with that version")
+        for name, obj in self._stateful.items():
+            obj.load_state_dict(states[name])
+
+    def resume_point(self, model_dict: dict, engine: str) -> tuple[str | None, dict | None]:
+        """The tag to resume from and its meta (None, None for a fresh run). Raises TrainingError
+        for a checkpoint of another model shape or engine: nothing is loaded or written then."""
+        tag = self.latest_tag()
+        if not tag:
+            return None, None
+        meta = self.read_meta(tag)
+        want, have = model_shape(model_dict), model_shape(meta["model"])
+        if want != have:
+            raise TrainingError(
+                f"refusing to resume: checkpoint {self.root}/{tag} was trained with another model "
+                f"({describe_difference(have, want)}). Use another run_dir or the checkpoint's model config.")
+        if meta.get("engine", "deepspeed") != engine:
+            raise TrainingError(f"refusing to resume: checkpoint {tag} was written by train.engine="
+                                f"{meta.get('engine')!r}, this run uses {engine!r}")
+        return tag, meta
 
     # ------------------------------------------------------------------ queries
     def latest_tag(self) -> str | None:

@@ -21,9 +21,7 @@ from typing import Any, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """An experiment configuration is invalid; the message names the offending key."""
+from pretrain.errors import ConfigError  # noqa: F401  (re-exported: one ConfigError project-wide)
 
 
 # ----------------------------------------------------------------------------- sections

@@ -20,7 +20,9 @@ import subprocess
 import sys
 import time
 
+from parallel.distributed import barrier, broadcast_object
 from pretrain.checkpoint import COMPLETE, LATEST, CheckpointManager, atomic_write
+from pretrain.errors import TrainingError
 
 
 def find_checkpoint_root(path: str) -> str:
@@ -33,9 +35,30 @@ def find_checkpoint_root(path: str) -> str:
     raise FileNotFoundError(f"{path}: no checkpoint found (expected a `{LATEST}` file or a complete tag directory)")
 
 
+JOB_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
 def _ignore_job_signals() -> None:
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    """In the child, before exec: ignore the job signals (ignored stays ignored across exec), then
+    unblock them; one that arrived meanwhile was pending and is dropped by SIG_IGN."""
+    for sig in JOB_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
+
+
+def run_ignoring_job_signals(cmd: list[str]) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd) whose child never dies of SIGUSR1 / SIGTERM. The signals are blocked
+    in this thread while the child is forked, so none lands between fork and the child's
+    SIG_IGN (a child forked with the default disposition would die of it); a signal meant for
+    this process then waits until the child exists and is handled as usual."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_ignore_job_signals)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def convert_to_universal(root: str, tag: str, workers: int = 1) -> str:
@@ -55,9 +78,10 @@ def convert_to_universal(root: str, tag: str, workers: int = 1) -> str:
     try:
         # SLURM signals every process of the step (SIGUSR1 with --full, SIGTERM on preemption):
         # the trainer answers with a checkpoint after the conversion, so the converter must not die
-        res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_ignore_job_signals)
+        res = run_ignoring_job_signals(cmd)
         if res.returncode != 0:
-            raise RuntimeError(f"ds_to_universal failed for {src}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+            raise RuntimeError(f"ds_to_universal failed for {src} (exit status {res.returncode}):\n"
+                               f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
         for name in ("meta.json", "config.yaml"):
             shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
         if not os.path.isdir(os.path.join(final, "zero")):  # else another converter finished first:
@@ -101,6 +125,28 @@ def convert_on_rank0(root: str, tag: str, rank: int, attempt: str, timeout_s: fl
                                f"checkpoint {tag} to the universal format in {root}; convert it beforehand with "
                                f"`python -m pretrain.reshard {root}`, or raise the timeout")
         time.sleep(poll_s)
+
+
+def tag_to_load(root: str, tag: str, saved_world: int, rank: int, world: int, auto_reshard: bool,
+                timeout_s: float, log=print) -> tuple[str, bool]:
+    """Which checkpoint to load to resume `tag` at `world` ranks: (tag, False) at the same size;
+    else DeepSpeed's universal copy of it, (tag_universal, True), converted first by rank 0 if
+    it does not exist yet (every rank calls this; they leave together)."""
+    if saved_world == world:
+        return tag, False
+    from uuid import uuid4
+
+    # rank 0 decides for all: ranks looking at the folder themselves could disagree (a manual
+    # conversion finishing meanwhile, a stale NFS view) and run different collectives
+    need, attempt = broadcast_object((not universal_ready(root, tag), uuid4().hex) if rank == 0 else None)
+    if need:
+        if not auto_reshard:
+            raise TrainingError(f"checkpoint {tag} was written by {saved_world} ranks, this run has {world}: "
+                                f"run `python -m pretrain.reshard {root}` first")
+        log(f"converting checkpoint {tag} (written by {saved_world} ranks) to the universal format on rank 0")
+        convert_on_rank0(root, tag, rank, attempt, timeout_s)
+        barrier()
+    return f"{tag}_universal", True
 
 
 def main(argv: list[str] | None = None) -> int:

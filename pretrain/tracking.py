@@ -16,7 +16,9 @@ from importlib import metadata
 
 from pretrain.config import flatten
 
-PACKAGES = ("torch", "deepspeed", "mlflow", "webdataset", "torchdata", "numpy")
+# recorded as MLflow params (versions.*); the fused-kernel packages read "absent" where not installed
+PACKAGES = ("torch", "deepspeed", "mlflow", "webdataset", "numpy", "pyarrow", "mamba_ssm", "causal_conv1d",
+            "flash_attn", "triton")
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 BATCH_LIMIT = 1000  # metrics per log_batch call accepted by MLflow
 
@@ -176,6 +178,19 @@ class MlflowTracker(NullTracker):
 def _param_str(v) -> str:
     s = v if isinstance(v, str) else json.dumps(v)
     return s[:MAX_PARAM_LEN]
+
+
+def open_tracking(cfg, rank: int, run_id: str | None, resume_step: int | None, params: dict,
+                  artifacts: dict[str, str], log=print) -> NullTracker:
+    """The run's tracker (rank 0; a no-op elsewhere or with tracking off), with its params (the
+    commit and package versions added) and text artifacts logged."""
+    tracker = make_tracker(cfg, rank, run_id, resume_step)
+    if tracker.run_id:
+        tracker.log_params({**params, "git_commit": git_commit(), "versions": package_versions()})
+        for name, text in artifacts.items():
+            tracker.log_artifact_text(name, text)
+        log(f"MLflow run {tracker.run_id} in {tracker.uri}")
+    return tracker
 
 
 def make_tracker(cfg, rank: int, run_id: str | None, resume_step: int | None = None) -> NullTracker:

@@ -3,495 +3,277 @@
     python -m pretrain.train --config pretrain/configs/X.yaml [dotted.key=value ...]
 
 Launched by torchrun, by the deepspeed launcher, by srun (SLURM variables are mapped in
-parallel/distributed.py), or as one plain process. The loop reads top to bottom: next step
-batch -> learning rate -> executor.train_step (how forward/backward run over the engines lives
-in parallel/step.py) -> metrics -> evaluation -> checkpoint -> signals.
+parallel/slurm_env.py), or as one plain process. `Trainer.train` reads top to bottom: check what
+can be refused, build, maybe resume, open the MLflow run, then per step: batch -> learning rate
+-> executor step -> metrics -> non-finite guard -> maybe evaluate -> maybe checkpoint -> signals.
+The pieces live in their own modules:
 
-`train(cfg)` returns a status: "completed", "preempted" (a signal asked for a checkpoint and a
-requeue; `main` then runs `scontrol requeue` under SLURM when checkpoint.requeue is set) or
+    parallel/build.py, parallel/step.py   the executor: how one step runs over the engine(s)
+    pretrain/data.py                      the loaders, with the model's cost for the balancer
+    pretrain/checkpoint.py, state.py      registered resumable state, tags, `latest`, retention
+    pretrain/reshard.py                   resuming at another data-parallel size
+    pretrain/metrics.py, evaluate.py      named metrics, MFU, the console line; evaluation
+    pretrain/tracking.py                  MLflow from rank 0
+    pretrain/signals.py, faults.py        preemption and STOP; fault injection for the tests
+
+`Trainer.train()` returns a status: "completed", "preempted" (a signal asked for a checkpoint and
+a requeue; `main` then runs `scontrol requeue` under SLURM when checkpoint.requeue is set) or
 "stopped" (a STOP file in the run directory: stop for good, no requeue).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 
-from parallel.distributed import (DistInfo, all_gather_object, all_reduce_max, all_reduce_sum, barrier,
-                                  broadcast_object, init_process_group, setup_env)
+from parallel.distributed import all_gather_object, barrier, broadcast_object, init_process_group, setup_env
 from pretrain.checkpoint import CheckpointManager
-from pretrain.config import ConfigError, ExperimentConfig, dump_yaml, load_config
-from pretrain.model.config import ConfigError as ModelConfigError
-from pretrain.reshard import convert_on_rank0, universal_ready
+from pretrain.config import ExperimentConfig, dump_yaml, load_config
+from pretrain.data import build_loader, feed_compression
+from pretrain.errors import ConfigError, TrainingError
+from pretrain.evaluate import Evaluator
+from pretrain.faults import FaultInjector
+from pretrain.metrics import StepReporter, TrainMetrics
+from pretrain.reshard import tag_to_load
 from pretrain.schedule import build_schedule
-from pretrain.tracking import NullTracker, git_commit, make_tracker, package_versions
+from pretrain.signals import SignalFlag, StopRequests
+from pretrain.state import PerRank, RNGState, TrackingState, TrainState
+from pretrain.summary import RunTimers, write_summary
+from pretrain.tracking import open_tracking
 
 STATUS_COMPLETED, STATUS_PREEMPTED, STATUS_STOPPED = "completed", "preempted", "stopped"
-STOP_FILE = "STOP"
-
-# Dense bf16 peak per device for perf/mfu, by substring of torch.cuda.get_device_name().
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
-class TrainingError(RuntimeError):
-    """A run cannot start or continue; the message says why and what to do."""
+class Trainer:
+    """One training run in one process (every rank runs its own Trainer)."""
 
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.info = setup_env()
+        # Installed first: a preemption signal during start-up must not kill the process.
+        self.signals = SignalFlag()
+        self.signals.install()
+        self.state, self.tracking = TrainState(), TrackingState()
 
-# ----------------------------------------------------------------------------- small helpers
-def log0(info: DistInfo, msg: str) -> None:
-    if info.rank == 0:
-        print(f"[train] {msg}", flush=True)
+    def log(self, msg: str) -> None:
+        if self.info.rank == 0:
+            print(f"[train] {msg}", flush=True)
 
+    # ------------------------------------------------------------------ the run
+    def train(self) -> str:
+        """Runs (or resumes) the experiment; returns "completed", "preempted" or "stopped"."""
+        self.check()
+        self.build()
+        self.maybe_resume()
+        self.start_tracking()
+        if self.state.step >= self.cfg.train.steps:
+            self.log(f"nothing to do: checkpoint step {self.state.step} >= train.steps {self.cfg.train.steps}")
+            self.tracker.finish()
+            return STATUS_COMPLETED
+        self.timers = RunTimers()
+        self.start_step = self.state.step
+        try:
+            status = self.loop()
+        except BaseException:
+            # Whatever stops the loop (an error, Ctrl-C), the buffered metrics reach the store.
+            self.tracker.finish("FAILED")
+            raise
+        return self.finish(status)
 
-class SignalFlag:
-    """SIGUSR1 / SIGTERM only set a flag; the loop acts on it at the next step boundary."""
-
-    def __init__(self):
-        self.raised = 0
-
-    def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-            # Restart interrupted system calls: a signal landing in a communication thread's
-            # blocking read must not surface as a failed collective.
-            signal.siginterrupt(sig, False)
-
-    def _handler(self, signum, frame) -> None:
-        self.raised = signum
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def reset_peak_rss() -> bool:
-    """Resets the kernel's resident-set high-water mark (Linux: write 5 to /proc/self/clear_refs), so the
-    peak read later covers training only, not the one-off full-model build before ZeRO partitions it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mib() -> float:
-    """VmHWM of this process in MiB (falls back to getrusage's lifetime peak)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def model_shape(model_dict: dict) -> dict:
-    """The part of the model config that decides parameter shapes (ratio targets / alpha may change)."""
-    return {k: v for k, v in model_dict.items() if k not in ("ratio_targets", "ratio_alpha")}
-
-
-def describe_difference(a: dict, b: dict, prefix: str = "model.") -> str:
-    diffs = []
-    for k in sorted(set(a) | set(b)):
-        if a.get(k) != b.get(k):
-            diffs.append(f"{prefix}{k}: checkpoint {a.get(k)!r} vs requested {b.get(k)!r}")
-    return "; ".join(diffs)
-
-
-# ----------------------------------------------------------------------------- data
-def make_cost_model(cfg: ExperimentConfig, model_cfg):
-    from data_pipeline import DocCostModel
-
-    if not cfg.data.cost_balance:
-        return None
-    return DocCostModel.from_model_config(model_cfg)
-
-
-def update_cost_model(loader, model_cfg, bytes_per_chunk: list[float]) -> None:
-    """Feeds the measured compression back into the balancer's cost model. Called at fixed steps,
-    and the cost model is part of the loader state, so resumed runs balance exactly the same."""
-    from pretrain.model import document_cost_terms
-
-    cost = getattr(loader, "cost_model", None)
-    if cost is None or not cost.attention_terms or any(not math.isfinite(c) or c <= 0 for c in bytes_per_chunk):
-        return
-    ratios, prev = [], 1.0
-    for c in bytes_per_chunk:  # bytes per chunk at stage s -> compression of stage s alone
-        ratios.append(max(1.0, c / prev))
-        prev = c
-    _, terms = document_cost_terms(model_cfg, ratios)
-    cost.update_ratios([t[1] for t in terms])
-
-
-def make_loader(cfg: ExperimentConfig, info: DistInfo, model_cfg, eval_split: bool = False):
-    from data_pipeline import BalancedStepLoader
-
-    d = cfg.data
-    return BalancedStepLoader(
-        index_paths=list(d.eval_index if eval_split else d.train_index),
-        micro_batch_bytes=d.micro_batch_bytes,
-        step_bytes=(d.eval_step_bytes or d.step_bytes) if eval_split else d.step_bytes,
-        dp_rank=info.rank, dp_world=info.world_size,
-        num_workers=0 if eval_split else d.num_workers,
-        seed=d.seed, cost_model=make_cost_model(cfg, model_cfg),
-        on_error=d.on_error, round_to=d.round_to, epochs=1 if eval_split else None)
-
-
-# ----------------------------------------------------------------------------- evaluation
-def evaluate(executor, cfg: ExperimentConfig, info: DistInfo, model_cfg) -> dict[str, float]:
-    """Bits per byte (token-weighted over all ranks) and bytes per chunk per stage on the held-out shards."""
-    n_stages = model_cfg.num_stages
-    loss_sum = n_targets = n_bytes = 0.0
-    bpc = [0.0] * n_stages
-    from parallel.step import stage_stats
-
-    loader = make_loader(cfg, info, model_cfg, eval_split=True)
-    executor.module.eval()
-    for i, batch in enumerate(loader):
-        if cfg.train.eval_max_steps and i >= cfg.train.eval_max_steps:
-            break  # every rank breaks at the same step: the loader gives all ranks equal step counts
-        for mb in batch.micro_batches:
-            out = executor.eval_forward(mb)
-            loss_sum += float(out.loss_sum)
-            n_targets += int(mb.n_targets)
-            n_bytes += int(mb.n_bytes)
-            stats, _ = stage_stats(out)
-            for s in range(n_stages):
-                bpc[s] += stats[s] * mb.n_bytes
-    executor.module.train()
-    tot = all_reduce_sum([loss_sum, n_targets, n_bytes] + bpc)
-    metrics = {"eval/bpb": tot[0] / max(1.0, tot[1]) / math.log(2)}
-    for s in range(n_stages):
-        metrics[f"eval/compression/stage{s}"] = tot[3 + s] / max(1.0, tot[2])
-    return metrics
-
-
-# ----------------------------------------------------------------------------- building
-def build_executor(cfg: ExperimentConfig, info: DistInfo, model_cfg, ds_config: dict | None):
-    """The model on its device, wrapped by the executor that runs one step over the engine(s)."""
-    from parallel.step import PlainStep, ZeroStep
-    from pretrain.model import HNetForCausalLM, lr_multipliers
-
-    # modulo: with --gpus-per-task=1 every task sees a single device 0
-    device = (torch.device(f"cuda:{info.local_rank % torch.cuda.device_count()}") if torch.cuda.is_available()
-              else torch.device("cpu"))
-    seed_everything(cfg.train.seed)  # identical initial weights on every rank
-    model = HNetForCausalLM(model_cfg)
-    if cfg.train.activation_checkpointing:
-        model.set_activation_checkpointing(True)
-    mults = list(cfg.schedule.lr_multipliers or lr_multipliers(model_cfg))
-    if len(mults) != model_cfg.num_stages + 1:
-        raise ConfigError(f"schedule.lr_multipliers: expected {model_cfg.num_stages + 1} values (one per hierarchy "
-                          f"level, outer first), got {mults}")
-    if ds_config is None:
-        from parallel.engine import build_optimizer
-
-        model.to(device)
-        opt, group_mults = build_optimizer(model, cfg, mults)
-        return PlainStep(model, opt, model_cfg.num_stages, cfg.optim.grad_clip, device), group_mults, mults
-    from parallel.engine import build_engine
-
-    engine, group_mults = build_engine(model, cfg, ds_config, mults)
-    return ZeroStep(engine, model_cfg.num_stages, info.rank, info.world_size), group_mults, mults
-
-
-# ----------------------------------------------------------------------------- the run
-def train(cfg: ExperimentConfig) -> str:
-    """Runs (or resumes) the experiment; returns "completed", "preempted" or "stopped"."""
-    info = setup_env()
-    # Installed first: a preemption signal during start-up must not kill the process.
-    flag = SignalFlag()
-    flag.install()
-    use_ds = cfg.train.engine == "deepspeed"
-    if not use_ds and info.world_size > 1:
-        raise ConfigError("train.engine=plain runs in one process; use train.engine=deepspeed with several ranks")
-
-    # Everything that can be refused is checked before any process group or engine exists.
-    from parallel.engine import resolve_ds_config
-    from pretrain.model import HNetConfig
-
-    ds_config = resolve_ds_config(cfg, info.world_size) if use_ds else None
-    model_dict = cfg.model_dict()
-    model_cfg = HNetConfig.from_dict(model_dict)
-    ckpts = CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, info.rank)
-    resume_tag = ckpts.latest_tag()
-    meta = None
-    if resume_tag:
-        meta = ckpts.read_meta(resume_tag)
-        want, have = model_shape(model_cfg.to_dict()), model_shape(meta["model"])
-        if want != have:
-            raise TrainingError(
-                f"refusing to resume: checkpoint {ckpts.root}/{resume_tag} was trained with another model "
-                f"({describe_difference(have, want)}). Use another run_dir or the checkpoint's model config.")
-        if meta.get("engine", "deepspeed") != cfg.train.engine:
-            raise TrainingError(f"refusing to resume: checkpoint {resume_tag} was written by train.engine="
-                                f"{meta.get('engine')!r}, this run uses {cfg.train.engine!r}")
-
-    init_process_group(info, use_deepspeed=use_ds, timeout_s=cfg.train.collective_timeout_s)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    config_yaml = dump_yaml(cfg)
-    if info.rank == 0:
-        print("[train] resolved config:\n" + config_yaml, flush=True)
-        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-            f.write(config_yaml)
-        if ds_config is not None:
-            with open(os.path.join(cfg.run_dir, "ds_config.json"), "w") as f:
-                json.dump(ds_config, f, indent=1)
-
-    executor, group_mults, level_mults = build_executor(cfg, info, model_cfg, ds_config)
-    loader = make_loader(cfg, info, model_cfg)
-    schedule = build_schedule(cfg, cfg.train.steps)
-
-    step, bytes_seen, run_id = 0, 0, None
-    bad_run = 0  # consecutive non-finite steps; saved, so a requeue cannot reset the max_bad_steps guard
-    if resume_tag:
-        universal = False
-        load_tag = resume_tag
-        if meta["world_size"] != info.world_size and use_ds:
-            # A ZeRO checkpoint holds one shard per rank of the old data-parallel size: convert it to
-            # DeepSpeed's universal format and load that, for this one load only.
-            from uuid import uuid4
-
-            # rank 0 decides for all: ranks looking at the folder themselves could disagree (a
-            # manual conversion finishing meanwhile, a stale NFS view) and run different collectives
-            need, attempt = broadcast_object(
-                (not universal_ready(ckpts.root, resume_tag), uuid4().hex) if info.rank == 0 else None)
-            if need:
-                if not cfg.checkpoint.auto_reshard:
-                    raise TrainingError(
-                        f"checkpoint {resume_tag} was written by {meta['world_size']} ranks, this run has "
-                        f"{info.world_size}: run `python -m pretrain.reshard {ckpts.root}` first")
-                log0(info, f"converting checkpoint {resume_tag} (written by {meta['world_size']} ranks) to the "
-                           f"universal format on rank 0")
-                convert_on_rank0(ckpts.root, resume_tag, info.rank, attempt, cfg.checkpoint.reshard_timeout_s)
-                barrier()
-            universal, load_tag = True, f"{resume_tag}_universal"
-        client = executor.load(ckpts.root, load_tag, universal=universal)
-        step, bytes_seen, run_id = int(client["step"]), int(client["bytes_seen"]), client.get("mlflow_run_id")
-        bad_run = int(client.get("bad_steps_in_a_row", 0))
-        loader.load_state_dict(client["data_state"])
-        schedule.load_state_dict(client["schedule"])
-        rngs = client["rng"]
-        if info.rank in rngs and meta["world_size"] == info.world_size:
-            set_rng_state(rngs[info.rank])
-        else:
-            seed_everything(cfg.train.seed + 1000003 * step + info.rank)
-        log0(info, f"resuming from checkpoint {ckpts.root}/{load_tag} at step {step} "
-                   f"({bytes_seen:,} bytes seen; written by {meta['world_size']} ranks, now {info.world_size})")
-    tracker = make_tracker(cfg, info.rank, run_id, step if resume_tag else None) if info.rank == 0 else NullTracker()
-    if tracker.run_id:
-        params = {"config": cfg.to_dict(), "world_size": info.world_size, "git_commit": git_commit(),
-                  "versions": package_versions(), "ds": ds_config or {"engine": "plain"},
-                  "model_resolved": model_cfg.to_dict(), "lr_multipliers": level_mults}
-        tracker.log_params(params)
-        tracker.log_artifact_text("config.yaml", config_yaml)
-        if ds_config is not None:
-            tracker.log_artifact_text("ds_config.json", json.dumps(ds_config, indent=1))
-        log0(info, f"MLflow run {tracker.run_id} in {tracker.uri}")
-    run_id = broadcast_object(tracker.run_id)  # the same client state on every rank
-
-    if step >= cfg.train.steps:
-        log0(info, f"nothing to do: checkpoint step {step} >= train.steps {cfg.train.steps}")
-        tracker.finish()
+    def loop(self) -> str:
+        cfg, state = self.cfg, self.state
+        batches = self.executor.batches(self.loader)
+        while state.step < cfg.train.steps:
+            state.step += 1
+            step = state.step
+            self.faults.step_start(step)
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t1 = time.perf_counter()
+            lr = self.schedule.apply(self.executor.param_groups, step, self.group_mults)
+            res = self.executor.train_step(batch, inject_nan=self.faults.poisons_loss(step))
+            t2 = time.perf_counter()
+            self.timers.data_s += t1 - t0
+            self.timers.step_s += t2 - t0
+            self.timers.steps += 1
+            state.bytes_seen += int(batch.global_bytes)
+            self.reporter.step(step, batch, res, lr, t2 - t0, state.bytes_seen)
+            self.guard_non_finite(step, res)
+            if cfg.data.cost_balance and step % cfg.train.log_every == 0 and not res.skipped:
+                feed_compression(self.loader, self.model_cfg, res.compression)
+            self.maybe_evaluate(step)
+            status = self.maybe_checkpoint_and_stop(step)
+            if status:
+                return status
         return STATUS_COMPLETED
 
-    timers = {"data_s": 0.0, "step_s": 0.0, "ckpt_s": 0.0, "eval_s": 0.0, "steps": 0}
-    log_path = os.path.join(cfg.run_dir, "train_log.jsonl")
-    log_file = open(log_path, "a") if info.rank == 0 else None
-    status = STATUS_COMPLETED
-    t_start = time.perf_counter()
-    start_step = step
+    # ------------------------------------------------------------------ start-up
+    def check(self) -> None:
+        """Everything that can be refused, before any process group or engine exists."""
+        from parallel.engine import resolve_ds_config
+        from pretrain.model import HNetConfig
 
-    def save_checkpoint(at_step: int) -> None:
+        cfg, info = self.cfg, self.info
+        self.use_ds = cfg.train.engine == "deepspeed"
+        if not self.use_ds and info.world_size > 1:
+            raise ConfigError("train.engine=plain runs in one process; use train.engine=deepspeed with several ranks")
+        self.ds_config = resolve_ds_config(cfg, info.world_size) if self.use_ds else None
+        self.model_cfg = HNetConfig.from_dict(cfg.model_dict())
+        self.ckpts = CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
+                                       info.rank)
+        self.resume_tag, self.resume_meta = self.ckpts.resume_point(self.model_cfg.to_dict(), cfg.train.engine)
+
+    def build(self) -> None:
+        """Process group, run directory, executor, data, schedule; registers the resumable state."""
+        from parallel.build import build_executor
+
+        cfg, info = self.cfg, self.info
+        init_process_group(info, use_deepspeed=self.use_ds, timeout_s=cfg.train.collective_timeout_s)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.write_run_files()
+        self.executor, self.group_mults, self.level_mults = build_executor(cfg, info, self.model_cfg, self.ds_config)
+        self.loader = build_loader(cfg, self.model_cfg, info.rank, info.world_size)
+        self.schedule = build_schedule(cfg, cfg.train.steps)
+        self.evaluator = Evaluator(self.executor, lambda: build_loader(cfg, self.model_cfg, info.rank, info.world_size,
+                                                                       eval_split=True),
+                                   self.model_cfg.num_stages, cfg.train.eval_max_steps)
+        self.faults = FaultInjector(cfg.debug, info.rank, self.log)
+        self.stops = StopRequests(cfg.run_dir, self.signals)
+        # Everything that decides what happens next, saved in every checkpoint and restored on
+        # resume, in this order (the RNG's fallback reseed reads the restored step).
+        self.ckpts.register_storage(self.executor)
+        self.ckpts.register("train", self.state)
+        self.ckpts.register("data", self.loader)
+        self.ckpts.register("schedule", self.schedule)
+        self.ckpts.register("rng", PerRank(RNGState(cfg.train.seed, info.rank, self.state), info.rank,
+                                           info.world_size))
+        self.ckpts.register("tracking", self.tracking)
+
+    def write_run_files(self) -> None:
+        """The resolved config (and DeepSpeed config) in the run directory, from rank 0."""
+        os.makedirs(self.cfg.run_dir, exist_ok=True)
+        self.config_yaml = dump_yaml(self.cfg)
+        if self.info.rank != 0:
+            return
+        print("[train] resolved config:\n" + self.config_yaml, flush=True)
+        with open(os.path.join(self.cfg.run_dir, "config.yaml"), "w") as f:
+            f.write(self.config_yaml)
+        if self.ds_config is not None:
+            with open(os.path.join(self.cfg.run_dir, "ds_config.json"), "w") as f:
+                json.dump(self.ds_config, f, indent=1)
+
+    def maybe_resume(self) -> None:
+        """Restores every registered state from `latest` (converted first if the world size changed)."""
+        if not self.resume_tag:
+            return
+        info, meta = self.info, self.resume_meta
+        saved_world = meta["world_size"] if self.use_ds else info.world_size
+        load_tag, universal = tag_to_load(self.ckpts.root, self.resume_tag, saved_world, info.rank, info.world_size,
+                                          self.cfg.checkpoint.auto_reshard, self.cfg.checkpoint.reshard_timeout_s,
+                                          log=self.log)
+        self.ckpts.restore(load_tag, universal=universal)
+        self.log(f"resuming from checkpoint {self.ckpts.root}/{load_tag} at step {self.state.step} "
+                 f"({self.state.bytes_seen:,} bytes seen; written by {meta['world_size']} ranks, now {info.world_size})")
+
+    def start_tracking(self) -> None:
+        """The MLflow run (rank 0; the same run as before a resume) and the metric reporter."""
+        cfg, info = self.cfg, self.info
+        metrics = TrainMetrics(self.model_cfg, info.world_size, cfg.train.precision, cfg.train.peak_tflops)
+        params = {"config": cfg.to_dict(), "world_size": info.world_size, "ds": self.ds_config or {"engine": "plain"},
+                  "model_resolved": self.model_cfg.to_dict(), "lr_multipliers": self.level_mults,
+                  "perf": {"peak_tflops": metrics.peak, "peak_source": metrics.peak_source}}
+        artifacts = {"config.yaml": self.config_yaml}
+        if self.ds_config is not None:
+            artifacts["ds_config.json"] = json.dumps(self.ds_config, indent=1)
+        self.tracker = open_tracking(cfg, info.rank, self.tracking.run_id,
+                                     self.state.step if self.resume_tag else None, params, artifacts, self.log)
+        self.tracking.run_id = broadcast_object(self.tracker.run_id)  # the same client state on every rank
+        if metrics.peak:
+            self.log(f"perf/mfu against {metrics.peak:g} TFLOP/s per device ({metrics.peak_source})")
+        self.reporter = StepReporter(metrics, self.tracker, cfg.run_dir, info.rank, cfg.train.steps,
+                                     cfg.train.log_every, cfg.debug.log_keys, self.state.step, time.perf_counter,
+                                     log=self.log)
+
+    # ------------------------------------------------------------------ per step
+    def guard_non_finite(self, step: int, res) -> None:
+        """A non-finite loss or gradient skipped the update; too many in a row stop the run."""
+        if not res.skipped:
+            self.state.bad_steps_in_a_row = 0
+            return
+        self.state.bad_steps_in_a_row += 1
+        bad = self.state.bad_steps_in_a_row
+        keys = [k for ks in all_gather_object(res.bad_keys) for k in ks]
+        self.log(f"step {step}: non-finite loss or gradient (loss {res.loss:.4g}, grad norm {res.grad_norm:.4g}); "
+                 f"update skipped ({bad} in a row); micro-batch keys: {keys[:8]}")
+        if bad >= self.cfg.train.max_bad_steps:
+            raise TrainingError(
+                f"stopping at step {step}: {bad} consecutive steps with a non-finite loss or gradient "
+                f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); last bad micro-batches: {keys[:16]}")
+
+    def maybe_evaluate(self, step: int) -> None:
+        t = self.cfg.train
+        if not self.cfg.data.eval_index or not ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
+            return
         t0 = time.perf_counter()
-        tracker.flush()
-        rngs = all_gather_object(rng_state())
-        client = {"step": at_step, "bytes_seen": bytes_seen, "bad_steps_in_a_row": bad_run,
-                  "data_state": loader.state_dict(),
-                  "rng": {r: s for r, s in enumerate(rngs)}, "schedule": schedule.state_dict(),
-                  "mlflow_run_id": run_id, "config": cfg.to_dict(), "config_hash": cfg.hash(),
-                  "world_size": info.world_size}
-        meta_out = {"step": at_step, "bytes_seen": bytes_seen, "world_size": info.world_size,
-                    "engine": cfg.train.engine, "model": model_cfg.to_dict(), "config_hash": cfg.hash(),
-                    "mlflow_run_id": run_id, "time": time.time()}
+        ev = self.evaluator.run()
+        self.timers.eval_s += time.perf_counter() - t0
+        self.reporter.eval(step, ev)
 
-        def crash_hook(phase: str) -> None:
-            d = cfg.debug
-            if d.crash_in_save_at_step == at_step and info.rank == d.crash_rank and phase == "after_engine_save":
-                print(f"[train] debug: rank {info.rank} dies in the middle of saving step {at_step}", flush=True)
-                os._exit(17)
+    def maybe_checkpoint_and_stop(self, step: int) -> str | None:
+        """Checkpoints on the cadence, at the end, and when any rank was signalled or STOP exists;
+        returns the status to leave with, or None to go on."""
+        signalled, stopped = self.stops.poll()  # all ranks agree: they save and leave at the same step
+        every = self.cfg.checkpoint.every
+        if (every and step % every == 0) or step == self.cfg.train.steps or signalled or stopped:
+            self.save_checkpoint(step)
+        self.faults.after_checkpoint(step, self.tracker.flush)
+        if stopped:
+            self.log(f"STOP file found in {self.cfg.run_dir}: stopping for good at step {step}")
+            return STATUS_STOPPED
+        if signalled:
+            self.log(f"signal received: checkpoint at step {step} written, leaving for a requeue")
+            return STATUS_PREEMPTED
+        return None
 
-        tag = ckpts.save(executor, at_step, client, meta_out, config_yaml, crash_hook=crash_hook)
-        timers["ckpt_s"] += time.perf_counter() - t0
-        log0(info, f"checkpoint {ckpts.root}/{tag} written in {time.perf_counter() - t0:.1f} s")
+    def save_checkpoint(self, step: int) -> None:
+        t0 = time.perf_counter()
+        self.tracker.flush()
+        cfg, info = self.cfg, self.info
+        meta = {"step": step, "bytes_seen": self.state.bytes_seen, "world_size": info.world_size,
+                "engine": cfg.train.engine, "model": self.model_cfg.to_dict(), "config_hash": cfg.hash(),
+                "mlflow_run_id": self.tracking.run_id, "time": time.time()}
+        extra = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "world_size": info.world_size}
+        tag = self.ckpts.save_registered(step, meta, self.config_yaml, extra, crash_hook=self.faults.save_hook(step))
+        self.timers.ckpt_s += time.perf_counter() - t0
+        self.log(f"checkpoint {self.ckpts.root}/{tag} written in {time.perf_counter() - t0:.1f} s")
 
-    peak_reset = reset_peak_rss()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        it = iter(loader)
-        last_log_t, last_log_step = time.perf_counter(), step
-        while step < cfg.train.steps:
-            step += 1
-            if cfg.debug.raise_at_step == step and info.rank == cfg.debug.crash_rank:
-                raise RuntimeError(f"debug.raise_at_step: rank {info.rank} fails at step {step}")
-            t0 = time.perf_counter()
-            batch = next(it)
-            t1 = time.perf_counter()
-            lr = schedule.apply(executor.param_groups, step, group_mults)
-            res = executor.train_step(batch, inject_nan=step in cfg.debug.nan_at_steps)
-            t2 = time.perf_counter()
-            timers["data_s"] += t1 - t0
-            timers["step_s"] += t2 - t0
-            timers["steps"] += 1
-            bytes_seen += int(batch.global_bytes)
+    # ------------------------------------------------------------------ the end
+    def finish(self, status: str) -> str:
+        self.tracker.flush()
+        summary = self.timers.summary(status, self.state.step, self.start_step, self.info.world_size,
+                                      self.tracking.run_id, self.tracker)
+        self.tracker.finish("FINISHED" if status == STATUS_COMPLETED else "KILLED")
+        if self.info.rank == 0:
+            write_summary(self.cfg.run_dir, summary)
+            self.log(f"{status} at step {self.state.step}: {summary['step_time_s']:.3f} s/step, data "
+                     f"{summary['data_share']:.1%}, tracking {summary['tracking_share']:.2%}, checkpoints "
+                     f"{summary['ckpt_share']:.1%} of wall time")
+        self.reporter.close()
+        self.loader.close()
+        barrier()
+        return status
 
-            step_time = t2 - t0
-            metrics = {"train/loss": res.loss, "train/bpb": res.bpb, "train/ratio_loss": res.ratio_loss,
-                       "train/lr": lr, "train/grad_norm": res.grad_norm, "train/bytes_seen": bytes_seen,
-                       "perf/step_time_s": step_time, "perf/bytes_per_s": batch.global_bytes / max(1e-9, step_time)}
-            for s in range(model_cfg.num_stages):
-                metrics[f"train/compression/stage{s}"] = res.compression[s]
-                metrics[f"train/boundary_fraction/stage{s}"] = res.boundary_fraction[s]
-            for k in ("data/packing_efficiency", "data/imbalance"):
-                if k in batch.metrics:
-                    metrics[k] = float(batch.metrics[k])
-            if torch.cuda.is_available():
-                from pretrain.model import flops_per_byte
 
-                peak = cfg.train.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
-                                                      if k in torch.cuda.get_device_name()), 0.0)
-                if peak:
-                    fpb = flops_per_byte(model_cfg, [max(1.0, c) for c in res.compression])
-                    metrics["perf/mfu"] = fpb * metrics["perf/bytes_per_s"] / (peak * 1e12 * info.world_size)
-            tracker.log(metrics, step)
-            if log_file is not None:
-                rec = {"step": step, "loss": res.loss, "bpb": res.bpb, "ratio_loss": res.ratio_loss, "lr": lr,
-                       "grad_norm": res.grad_norm, "skipped": res.skipped, "compression": res.compression,
-                       "n_micro": res.n_micro, "bytes": int(batch.global_bytes), "step_time_s": step_time}
-                if cfg.debug.log_keys:
-                    rec["keys"] = sorted(k for ks in all_gather_object([k for mb in batch.micro_batches for k in mb.keys])
-                                         for k in ks)
-                log_file.write(json.dumps(rec) + "\n")
-                log_file.flush()
-            elif cfg.debug.log_keys:
-                all_gather_object([k for mb in batch.micro_batches for k in mb.keys])
-
-            if res.skipped:
-                bad_run += 1
-                keys = [k for ks in all_gather_object(res.bad_keys) for k in ks]
-                log0(info, f"step {step}: non-finite loss or gradient (loss {res.loss:.4g}, grad norm {res.grad_norm:.4g}); "
-                           f"update skipped ({bad_run} in a row); micro-batch keys: {keys[:8]}")
-                if bad_run >= cfg.train.max_bad_steps:
-                    raise TrainingError(
-                        f"stopping at step {step}: {bad_run} consecutive steps with a non-finite loss or gradient "
-                        f"(train.max_bad_steps={cfg.train.max_bad_steps}); last bad micro-batches: {keys[:16]}")
-            else:
-                bad_run = 0
-
-            if cfg.data.cost_balance and step % cfg.train.log_every == 0 and not res.skipped:
-                update_cost_model(loader, model_cfg, res.compression)
-            if info.rank == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
-                now = time.perf_counter()
-                rate = (step - last_log_step) / max(1e-9, now - last_log_t)
-                eta = (cfg.train.steps - step) / max(1e-9, rate)
-                comp = " ".join(f"s{s}={c:.2f}" for s, c in enumerate(res.compression))
-                print(f"[train] step {step}/{cfg.train.steps} loss {res.loss:.4f} bpb {res.bpb:.4f} "
-                      f"ratio {res.ratio_loss:.4f} bytes/chunk {comp} lr {lr:.2e} gnorm {res.grad_norm:.3f} "
-                      f"{metrics['perf/bytes_per_s']:,.0f} B/s ETA {eta:,.0f} s", flush=True)
-                last_log_t, last_log_step = now, step
-
-            if cfg.data.eval_index and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
-                                        or step == cfg.train.steps):
-                te = time.perf_counter()
-                ev = evaluate(executor, cfg, info, model_cfg)
-                timers["eval_s"] += time.perf_counter() - te
-                tracker.log(ev, step)
-                comp = " ".join(f"s{s}={ev[f'eval/compression/stage{s}']:.2f}" for s in range(model_cfg.num_stages))
-                log0(info, f"eval step {step}: bpb {ev['eval/bpb']:.4f} bytes/chunk {comp}")
-                if log_file is not None:
-                    log_file.write(json.dumps({"step": step, **ev}) + "\n")
-                    log_file.flush()
-
-            # All ranks agree on signals and the STOP file, so they save and leave at the same step.
-            stop_file = os.path.exists(os.path.join(cfg.run_dir, STOP_FILE))
-            signalled, stopped = all_reduce_max([float(flag.raised != 0), float(stop_file)])
-            every = cfg.checkpoint.every
-            if (every and step % every == 0) or step == cfg.train.steps or signalled or stopped:
-                save_checkpoint(step)
-            if cfg.debug.hang_at_step == step:
-                tracker.flush()
-                log0(info, f"debug: hanging after step {step} (waiting to be killed)")
-                while True:
-                    time.sleep(1)
-            if stopped:
-                log0(info, f"STOP file found in {cfg.run_dir}: stopping for good at step {step}")
-                status = STATUS_STOPPED
-                break
-            if signalled:
-                log0(info, f"signal received: checkpoint at step {step} written, leaving for a requeue")
-                status = STATUS_PREEMPTED
-                break
-    except BaseException:
-        # Whatever stops the loop (an error, Ctrl-C), the buffered metrics reach the store.
-        tracker.finish("FAILED")
-        raise
-
-    total = time.perf_counter() - t_start
-    tracker.flush()
-    import resource
-
-    lifetime_peak = all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # MiB
-    train_peak = all_gather_object(peak_rss_mib() if peak_reset else None)
-    cuda_peak = all_gather_object(torch.cuda.max_memory_allocated() / 2 ** 20) if torch.cuda.is_available() else None
-    n = max(1, timers["steps"])
-    summary = {"status": status, "step": step, "steps_this_run": timers["steps"], "wall_s": total,
-               "step_time_s": timers["step_s"] / n, "data_share": timers["data_s"] / max(1e-9, timers["step_s"]),
-               "tracking_s": tracker.seconds, "tracking_setup_s": getattr(tracker, "setup_seconds", 0.0),
-               "tracking_share": (tracker.seconds - getattr(tracker, "setup_seconds", 0.0)) / max(1e-9, timers["step_s"]),
-               "ckpt_s": timers["ckpt_s"], "ckpt_share": timers["ckpt_s"] / max(1e-9, total),
-               "eval_s": timers["eval_s"], "world_size": info.world_size, "mlflow_run_id": run_id,
-               "tracking_uri": tracker.uri, "start_step": start_step, "peak_rss_mib_per_rank": lifetime_peak,
-               "train_peak_rss_mib_per_rank": train_peak, "cuda_peak_mib_per_rank": cuda_peak}
-    tracker.finish("FINISHED" if status == STATUS_COMPLETED else "KILLED")
-    if info.rank == 0:
-        with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        log0(info, f"{status} at step {step}: {summary['step_time_s']:.3f} s/step, data {summary['data_share']:.1%}, "
-                   f"tracking {summary['tracking_share']:.2%}, checkpoints {summary['ckpt_share']:.1%} of wall time")
-        log_file.close()
-    barrier()
-    return status
+def train(cfg: ExperimentConfig) -> str:
+    """Runs (or resumes) the experiment; returns "completed", "preempted" or "stopped"."""
+    return Trainer(cfg).train()
 
 
 def requeue_if_slurm(cfg: ExperimentConfig, rank: int) -> bool:
@@ -517,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         # srun forwards a second copy of a preemption signal; Python restores the default action
         # (terminate) during shutdown, so a late copy would kill a rank that exited cleanly.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    except (ConfigError, ModelConfigError, TrainingError) as e:
+    except (ConfigError, TrainingError) as e:
         print(f"[train] error: {e}", file=sys.stderr, flush=True)
         return 2
     if status == STATUS_PREEMPTED:

@@ -12,12 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretrain.errors import ConfigError  # one ConfigError for the whole project
+
 LAYER_LETTERS = "mMtT"
 _LAYOUT_TOKEN = re.compile(r"([A-Za-z])(\d+)")
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 @dataclass

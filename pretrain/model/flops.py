@@ -112,3 +112,68 @@ def num_parameters(config: HNetConfig) -> int:
         if s > 0:
             total += D - config.d_model[s - 1]  # pad_dimension
     return total
+
+
+def stage_compression(bytes_per_chunk: list[float]) -> list[float]:
+    """Bytes per chunk at each stage (cumulative, outer first, as the trainer measures them) ->
+    the compression ratio of each routing level alone, N^s = bpc^s / bpc^{s-1} (at least 1).
+    The FLOP estimates here take per-level ratios; this is the one conversion (MFU, cost model)."""
+    ratios, prev = [], 1.0
+    for c in bytes_per_chunk:
+        ratios.append(max(1.0, c / prev))
+        prev = c if c > 0 else 1.0
+    return ratios
+
+
+class DocCostModel:
+    """Estimated training FLOPs of one document of n bytes, for the data pipeline's balancer:
+
+        cost(n) = linear_per_byte * n + sum_k coef_k * attention_pairs(n / bytes_per_position_k, window_k)
+
+    The outer stages are linear in bytes; each attention stage is quadratic in the document's
+    chunk count at that stage, estimated from the stage's compression (bytes per position),
+    which the trainer updates from measured compression (`update_ratios`). Stateful: saved in the
+    loader state, so a resumed run balances exactly as the uninterrupted one.
+    """
+
+    def __init__(self, linear_per_byte: float = 1.0,
+                 attention_terms: list[tuple[float, float, int | None]] | None = None):
+        self.linear_per_byte = float(linear_per_byte)
+        self.attention_terms = [(float(c), float(b), None if w is None else int(w))
+                                for c, b, w in (attention_terms or [])]
+
+    def __call__(self, n_bytes: int) -> float:
+        c = self.linear_per_byte * n_bytes
+        for coef, bpp, window in self.attention_terms:
+            c += coef * attention_pairs(n_bytes / bpp, window)
+        return c
+
+    def update_ratios(self, bytes_per_position: list[float]) -> None:
+        """Measured compression (bytes per position at each attention term's stage), same order."""
+        if len(bytes_per_position) != len(self.attention_terms):
+            raise ValueError(f"got {len(bytes_per_position)} ratios for "
+                             f"{len(self.attention_terms)} attention terms")
+        self.attention_terms = [(c, max(float(b), 1e-6), w)
+                                for (c, _, w), b in zip(self.attention_terms, bytes_per_position)]
+
+    def update_from_compression(self, config: HNetConfig, bytes_per_chunk: list[float]) -> None:
+        """Feeds measured bytes per chunk (cumulative, outer first) back into the estimate."""
+        if not self.attention_terms or any(not math.isfinite(c) or c <= 0 for c in bytes_per_chunk):
+            return
+        _, terms = document_cost_terms(config, stage_compression(bytes_per_chunk))
+        self.update_ratios([t[1] for t in terms])
+
+    def state_dict(self) -> dict:
+        return {"linear_per_byte": self.linear_per_byte,
+                "attention_terms": [list(t) for t in self.attention_terms]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__init__(state["linear_per_byte"], [tuple(t) for t in state["attention_terms"]])
+
+    @classmethod
+    def from_model_config(cls, config: HNetConfig, ratios: list[float] | None = None) -> "DocCostModel":
+        """From the model's FLOP estimate (`document_cost_terms`), at the ratio targets by default."""
+        return cls(*document_cost_terms(config, ratios))
+
+    def __repr__(self) -> str:
+        return f"DocCostModel({self.linear_per_byte}, {self.attention_terms})"

@@ -145,3 +145,31 @@ def test_under_real_srun(slurm_cluster):
 def test_master_is_first_host_of_the_step_not_the_job():
     got = mapped(one_task(SLURM_JOB_NODELIST="a1,b2,c3", SLURM_STEP_NODELIST="b2,c3"))
     assert got["MASTER_ADDR"] == "b2"
+
+
+@pytest.mark.parametrize("visible, local_rank", [("3", "0"), ("0,1,2,3", "3"), (None, "3")])
+def test_gpu_per_task_binding(visible, local_rank):
+    """With --gpus-per-task=1 SLURM binds one GPU to each task (CUDA_VISIBLE_DEVICES=3 for the
+    fourth task): it sees a single device 0, and DeepSpeed's set_device(LOCAL_RANK) needs 0 there,
+    not the node-local id 3. With the node's GPUs visible, LOCAL_RANK stays the node-local id."""
+    extra = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    env = one_task(SLURM_PROCID="3", SLURM_LOCALID="3", SLURM_NTASKS="4", SLURM_STEP_TASKS_PER_NODE="4")
+    res = wrap(env, extra=extra, command=[sys.executable, "-c",
+                                          "import json, os; print(json.dumps({k: os.environ.get(k) for k in "
+                                          "('LOCAL_RANK', 'NODE_LOCAL_RANK', 'RANK')}))"])
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == {"LOCAL_RANK": local_rank, "NODE_LOCAL_RANK": "3", "RANK": "3"}
+
+
+def test_python_mapping_is_the_wrappers():
+    """A bare `srun python -m pretrain.train` maps the variables with the same code as the wrapper."""
+    from parallel.distributed import map_launcher_env
+
+    env = one_task(SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_NTASKS="4", SLURM_STEP_TASKS_PER_NODE="2(x2)",
+                   SLURM_NODEID="1", SLURM_JOB_NODELIST="gpu[007-008]", SLURM_STEP_ID="0", CUDA_VISIBLE_DEVICES="5")
+    got = map_launcher_env(env)
+    wrapped = mapped({k: v for k, v in env.items()})
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        assert got[k] == wrapped[k], k
+    assert got["LOCAL_RANK"] == "0" and got["MASTER_ADDR"] == "gpu007"

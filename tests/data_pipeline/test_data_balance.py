@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipeline.balance import DocCostModel, imbalance, pairs, partition_lpt, plan_step, round_robin_costs
+from data_pipeline.balance import imbalance, partition_lpt, plan_step, round_robin_costs
 from data_pipeline.packer import Piece
+from pretrain.model.flops import DocCostModel
+from pretrain.model.flops import attention_pairs as pairs
 
 
 def test_cost_model_terms():

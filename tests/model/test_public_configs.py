@@ -19,7 +19,10 @@ def build_meta(name):
 
 
 def expected_shape(config, name):
-    """The shape REFERENCE.md's table gives for a public parameter name, or None if unknown."""
+    """The shape of a public parameter name, or None if unknown: the shapes of the public H-Net
+    code (goombalab/hnet) and of mamba_ssm's Mamba2 (in_proj [2*d_inner + 2*ngroups*d_state +
+    nheads, D], depthwise conv1d over d_inner + 2*ngroups*d_state channels, dt_bias / A_log / D
+    [nheads], gated norm [d_inner], out_proj [D, d_inner]; Wqkv [3D, D]; SwiGLU fc1 [2*hidden, D])."""
     level = min(name.count("main_network."), config.num_stages)
     if name.startswith(("embeddings.", "lm_head.")):
         return (256, config.d_model[0])
@@ -84,7 +87,7 @@ def test_public_config_names_shapes_and_count(name):
 
 
 def test_1stage_L_count_by_hand():
-    """hnet_1stage_L worked out by hand from REFERENCE.md's shapes."""
+    """hnet_1stage_L worked out by hand from the public code's shapes (see expected_shape)."""
     _, model = build_meta("hnet_1stage_L")
     mamba_1024 = (1024 * (2 * 2048 + 2 * 128 + 32)  # in_proj
                   + 2304 * 4 + 2304  # conv1d weight + bias

@@ -64,7 +64,7 @@ def main() -> None:
     from pretrain.config import load_config
     from pretrain.model import HNetConfig
     from pretrain.schedule import build_schedule
-    from pretrain.train import build_executor
+    from parallel.build import build_executor
     from parallel.distributed import init_process_group
 
     repo = Path(__file__).resolve().parents[2]

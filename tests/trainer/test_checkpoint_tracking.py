@@ -101,3 +101,67 @@ def test_mlflow_tracker_buffers_and_resumes_run(tmp_path, monkeypatch):
     n.finish()
     tags = n.client.get_run(n.run_id).data.tags
     assert n.run_id != run_id and tags["restart_count"] == "0" and tags["resumed_from_step"] == "40"
+
+
+class Counter:
+    """A registered piece of state."""
+
+    def __init__(self, value=0):
+        self.value = value
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+class ClientStore(FileWriter):
+    """Storage that keeps the client state it was given, as DeepSpeed does in its shard files."""
+
+    def save(self, root, tag, client_state):
+        super().save(root, tag, client_state)
+        self.saved = {**getattr(self, "saved", {}), tag: client_state}
+
+    def load(self, root, tag, universal=False):
+        return self.saved[tag]
+
+
+def test_registered_state_is_saved_and_restored(tmp_path):
+    store = ClientStore()
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.register_storage(store)
+    a, b = Counter(3), Counter(7)
+    mgr.register("a", a)
+    mgr.register("b", b)
+    with pytest.raises(ValueError, match="registered twice"):
+        mgr.register("a", Counter())
+    tag = mgr.save_registered(5, {"step": 5, "model": {}}, "x: 1\n")
+    a.value, b.value = 100, 200
+    mgr.restore(tag)
+    assert (a.value, b.value) == (3, 7)
+
+    # a trainer that registers one more piece refuses a checkpoint without it, naming it
+    later = CheckpointManager(str(tmp_path))
+    later.register_storage(store)
+    later.register("a", Counter())
+    later.register("pipeline", Counter())
+    from pretrain.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="pipeline"):
+        later.restore(tag)
+
+
+def test_resume_point_refuses_another_model(tmp_path):
+    from pretrain.errors import TrainingError
+
+    mgr = CheckpointManager(str(tmp_path))
+    assert mgr.resume_point({"d_model": [32, 48]}, "deepspeed") == (None, None)
+    mgr.save(FileWriter(), 4, {}, {"step": 4, "model": {"d_model": [32, 48], "ratio_targets": [4.0]},
+                                   "engine": "deepspeed"}, "x: 1\n")
+    tag, meta = mgr.resume_point({"d_model": [32, 48], "ratio_targets": [3.0]}, "deepspeed")  # targets may change
+    assert tag == tag_for(4) and meta["step"] == 4
+    with pytest.raises(TrainingError, match=r"model.d_model: checkpoint \[32, 48\] vs requested \[32, 64\]"):
+        mgr.resume_point({"d_model": [32, 64]}, "deepspeed")
+    with pytest.raises(TrainingError, match="train.engine='deepspeed'"):
+        mgr.resume_point({"d_model": [32, 48]}, "plain")

@@ -1,0 +1,92 @@
+"""The small pieces of resumable state that are not owned by another component.
+
+Everything that decides what a run does next is an object with `state_dict()` /
+`load_state_dict()`, registered once with the `CheckpointManager`, which saves all of them in
+every checkpoint and restores all of them on resume (see pretrain/checkpoint.py). The data
+loader, the learning-rate schedule and the executor's engines are such objects already; the
+counters of the loop, the random generators and the MLflow run id live here.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from parallel.build import seed_everything
+from parallel.distributed import all_gather_object
+
+
+@dataclass
+class TrainState:
+    """The loop's counters: optimizer steps done, real bytes trained on, and the current run of
+    consecutive non-finite steps (saved, so a requeue cannot reset the train.max_bad_steps guard)."""
+
+    step: int = 0
+    bytes_seen: int = 0
+    bad_steps_in_a_row: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.bytes_seen = int(state["bytes_seen"])
+        self.bad_steps_in_a_row = int(state.get("bad_steps_in_a_row", 0))
+
+
+@dataclass
+class TrackingState:
+    """The MLflow run this training run logs to: a resumed run continues the same one."""
+
+    run_id: str | None = None
+
+    def state_dict(self) -> dict:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.run_id = state.get("run_id")
+
+
+class RNGState:
+    """This process's Python, NumPy, torch and CUDA generators. The state differs per rank, so it
+    is saved for every rank (`per_rank=True` at registration); at another world size the ranks
+    no longer match the saved ones and every rank is reseeded from the run seed, the step and its
+    rank instead (`reseed`)."""
+
+    def __init__(self, seed: int, rank: int, train_state: TrainState):
+        self.seed, self.rank, self.train_state = seed, rank, train_state
+
+    def state_dict(self) -> dict:
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def reseed(self) -> None:
+        seed_everything(self.seed + 1000003 * self.train_state.step + self.rank)
+
+
+class PerRank:
+    """Saves a rank-dependent state for every rank ({rank: state}, gathered: DeepSpeed's universal
+    and ZeRO-1/2 loads hand every rank rank 0's client state); on load each rank takes its own
+    entry, or calls the object's `reseed()` when the world size changed since the save."""
+
+    def __init__(self, inner, rank: int, world_size: int):
+        self.inner, self.rank, self.world_size = inner, rank, world_size
+
+    def state_dict(self) -> dict:
+        return {"world_size": self.world_size, "ranks": dict(enumerate(all_gather_object(self.inner.state_dict())))}
+
+    def load_state_dict(self, state: dict) -> None:
+        ranks = state["ranks"]
+        if state["world_size"] == self.world_size and self.rank in ranks:
+            self.inner.load_state_dict(ranks[self.rank])
+        else:
+            self.inner.reseed()
