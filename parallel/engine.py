@@ -117,14 +117,16 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def build_optimizer(model: torch.nn.Module, cfg, lr_mults: list[float]) -> tuple[torch.optim.Optimizer, list[float]]:
+def build_optimizer(model: torch.nn.Module, cfg, lr_mults: list[float],
+                    reference: torch.nn.Module | None = None) -> tuple[torch.optim.Optimizer, list[float]]:
     """torch.optim.AdamW over the model's groups (per-stage lr multiplier x weight decay / none).
+    `reference`: the full model, when `model` is a pipeline stage named like it.
 
     Returns the optimizer and the lr multiplier of every group, in group order.
     """
     from pretrain.model import param_groups_spec
 
-    groups = [g for g in param_groups_spec(model, lr_mults, cfg.optim.weight_decay) if len(g["params"]) > 0]
+    groups = [g for g in param_groups_spec(model, lr_mults, cfg.optim.weight_decay, reference) if len(g["params"]) > 0]
     for g in groups:
         g["lr"] = cfg.optim.lr * g["lr_mult"]
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
@@ -132,17 +134,20 @@ def build_optimizer(model: torch.nn.Module, cfg, lr_mults: list[float]) -> tuple
     return opt, [g["lr_mult"] for g in groups]
 
 
-def build_engine(model: torch.nn.Module, cfg, ds_config: dict, lr_mults: list[float]):
-    """deepspeed.initialize with ZeRO-3 leaves registered; returns (engine, group lr multipliers)."""
+def build_engine(model: torch.nn.Module, cfg, ds_config: dict, lr_mults: list[float], mpu=None,
+                 reference: torch.nn.Module | None = None):
+    """deepspeed.initialize with ZeRO-3 leaves registered; returns (engine, group lr multipliers).
+    `mpu`: the process grid of a pipelined run; `reference`: the full model of a pipeline stage."""
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
     from pretrain.model import zero3_leaf_modules
 
     if zero_stage(ds_config) == 3:
-        leaves = list(zero3_leaf_modules())
+        # only the classes this model (or pipeline stage) holds: DeepSpeed refuses a class it cannot find
+        leaves = [c for c in zero3_leaf_modules() if any(isinstance(m, c) for m in model.modules())]
         if leaves:
             set_z3_leaf_modules(model, leaves)
-    optimizer, group_mults = build_optimizer(model, cfg, lr_mults)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    optimizer, group_mults = build_optimizer(model, cfg, lr_mults, reference)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     return engine, group_mults

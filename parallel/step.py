@@ -100,6 +100,33 @@ class _Accumulator:
                 self.bpc[s] += bpc[s] * mb.n_bytes
                 self.frac[s] += frac[s] * mb.n_bytes
 
+    def add_loss(self, mb, loss_sum: float) -> None:
+        """A micro-batch's summed cross-entropy (on the rank that computes the loss)."""
+        if not math.isfinite(loss_sum):
+            self.bad = 1.0
+            self.bad_keys.extend(mb.keys)
+        self.loss_sum += loss_sum if math.isfinite(loss_sum) else 0.0
+        self.n_targets += int(mb.n_targets)
+        self.n_bytes += int(mb.n_bytes)
+        self.n_micro += 1
+
+    def add_ratio(self, ratio: float, keys=()) -> None:
+        if not math.isfinite(ratio):
+            self.bad = 1.0
+            self.bad_keys.extend(keys)
+        self.ratio += ratio if math.isfinite(ratio) else 0.0
+
+    def add_levels(self, first_stage: int, stats, bytes_per_chunk_in: float, n_bytes: float) -> float:
+        """Statistics of routing stages first_stage.. of one micro-batch of `n_bytes` real bytes,
+        whose bytes per chunk entering first_stage are `bytes_per_chunk_in` (a pipeline rank sees
+        only its own levels). Returns the bytes per chunk after the last of them."""
+        bpc = bytes_per_chunk_in
+        for s, st in enumerate(stats, start=first_stage):
+            bpc *= float(st.compression_ratio)
+            self.bpc[s] += bpc * n_bytes
+            self.frac[s] += float(st.F) * n_bytes
+        return bpc
+
     def reduce(self, grad_norm: float, skipped_local: bool = False) -> StepResult:
         vec = [self.loss_sum, self.n_targets, self.n_bytes, self.ratio, self.n_micro, self.bad + float(skipped_local)]
         vec += self.bpc + self.frac
@@ -137,6 +164,20 @@ class StepExecutor:
     dp_rank: int = 0
     dp_world: int = 1
     n_stages: int = 1
+    before_step = None  # optional hook(executor), called after the backwards, before the optimizer step
+
+    # which data this rank reads: its position among the ranks that read data, and their group
+    # (None: the world); a pipeline's deeper ranks read none
+    @property
+    def data_rank(self) -> int:
+        return self.dp_rank
+
+    @property
+    def data_world(self) -> int:
+        return self.dp_world
+
+    data_group = None
+    reads_data = True
 
     @property
     def module(self) -> torch.nn.Module:  # the (possibly ZeRO-wrapped) H-Net
@@ -211,6 +252,8 @@ class ZeroStep(StepExecutor):
             # scale_wrt_gas=False: DeepSpeed's 1/GAS must not apply on top of our weighting.
             self.engine.backward(objective, scale_wrt_gas=False)
             acc.add(out, mb, _scalar(loss_sum), _scalar(ratio))
+        if self.before_step is not None:
+            self.before_step(self)
         self.engine.step()  # ZeRO skips the update itself when the gradient norm is inf/nan
         gn = self.engine.get_global_grad_norm()
         grad_norm = _scalar(gn) if gn is not None else float("nan")
@@ -275,6 +318,8 @@ class PlainStep(StepExecutor):
             ratio = out.ratio_loss if out.ratio_loss is not None else loss_sum.new_zeros(())
             (loss_sum * weight + ratio / n).backward()
             acc.add(out, mb, _scalar(loss_sum), _scalar(ratio))
+        if self.before_step is not None:
+            self.before_step(self)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if self.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))

@@ -129,9 +129,10 @@ class CheckpointManager:
         for name, obj in self._stateful.items():
             obj.load_state_dict(states[name])
 
-    def resume_point(self, model_dict: dict, engine: str) -> tuple[str | None, dict | None]:
+    def resume_point(self, model_dict: dict, engine: str, pipeline: dict | None = None) -> tuple[str | None, dict | None]:
         """The tag to resume from and its meta (None, None for a fresh run). Raises TrainingError
-        for a checkpoint of another model shape or engine: nothing is loaded or written then."""
+        for a checkpoint of another model shape, engine or pipeline layout: nothing is loaded or
+        written then."""
         tag = self.latest_tag()
         if not tag:
             return None, None
@@ -144,6 +145,13 @@ class CheckpointManager:
         if meta.get("engine", "deepspeed") != engine:
             raise TrainingError(f"refusing to resume: checkpoint {tag} was written by train.engine="
                                 f"{meta.get('engine')!r}, this run uses {engine!r}")
+        if meta.get("pipeline") != pipeline:
+            def show(pl):
+                return "no pipeline" if not pl else f"{pl['stages']} pipeline stages with levels {pl['levels']}"
+            raise TrainingError(f"refusing to resume: checkpoint {self.root}/{tag} was written with "
+                                f"{show(meta.get('pipeline'))}, this run has {show(pipeline)}; resume with the same "
+                                f"parallel.pipeline_stages / pipeline_levels (the data-parallel size may change), "
+                                f"or export it (python -m pretrain.export) and start a new run from the weights")
         return tag, meta
 
     # ------------------------------------------------------------------ queries

@@ -93,6 +93,19 @@ class TrainSection:
 
 
 @dataclass
+class ParallelSection:
+    """How the model is spread beyond data parallelism (world = pipeline_stages x data-parallel size)."""
+
+    pipeline_stages: int = 1  # pipeline ranks along the hierarchy (1 = off; at most num_stages + 1)
+    pipeline_levels: list[int] = field(default_factory=list)  # hierarchy levels per pipeline rank, outer
+    #                                        first ([] = contiguous groups balanced by the FLOP estimate)
+    schedule: str = "v"  # "v" | "1f1b" | "gpipe" (parallel/pipeline/schedule.py)
+    micro_batches_in_flight: int = 0  # per pipeline rank (0 = the schedule's default); bounds activation memory
+    keep_params_gathered: bool = False  # keep each stage's parameters whole across a step's micro-batches
+    #                                     (no ZeRO-3 re-gather per micro-batch; costs full parameters per rank)
+
+
+@dataclass
 class CheckpointSection:
     every: int = 500  # steps between checkpoints (0 = only at the end / on signal)
     keep_last: int = 3
@@ -132,6 +145,7 @@ class ExperimentConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     debug: DebugSection = field(default_factory=DebugSection)
@@ -193,6 +207,17 @@ class ExperimentConfig:
             for path in getattr(self.data, key):
                 if not Path(path).is_file():
                     raise ConfigError(f"data.{key}: no such shard index {path!r}")
+        _one_of("parallel.schedule", self.parallel.schedule, ("v", "1f1b", "gpipe"))
+        if self.parallel.pipeline_stages < 1:
+            raise ConfigError(f"parallel.pipeline_stages must be >= 1, got {self.parallel.pipeline_stages}")
+        if self.parallel.micro_batches_in_flight < 0:
+            raise ConfigError("parallel.micro_batches_in_flight must be >= 0 (0 = the schedule's default)")
+        if self.parallel.pipeline_levels and len(self.parallel.pipeline_levels) != self.parallel.pipeline_stages:
+            raise ConfigError(f"parallel.pipeline_levels: {self.parallel.pipeline_levels} gives levels for "
+                              f"{len(self.parallel.pipeline_levels)} pipeline ranks, parallel.pipeline_stages is "
+                              f"{self.parallel.pipeline_stages}")
+        if self.parallel.pipeline_stages > 1 and self.train.engine != "deepspeed":
+            raise ConfigError("parallel.pipeline_stages > 1 needs train.engine=deepspeed (one ZeRO-3 engine per stage)")
         if self.checkpoint.keep_last < 1:
             raise ConfigError("checkpoint.keep_last must be >= 1")
         if self.checkpoint.reshard_timeout_s <= 0:

@@ -38,7 +38,8 @@ class Evaluator:
                         bpc[s] += per_stage[s] * mb.n_bytes
         finally:
             self.executor.module.train()
-            loader.close()
+            if loader is not None:
+                loader.close()
         tot = all_reduce_sum([loss_sum, n_targets, n_bytes] + bpc)
         metrics = {"eval/bpb": tot[0] / max(1.0, tot[1]) / math.log(2)}
         for s in range(self.n_stages):

@@ -22,14 +22,23 @@ from parallel.step import PlainStep
 
 
 def consolidated_state_dict(root: str, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 full parameters from a ZeRO (any stage) or plain-engine checkpoint."""
+    """fp32 full parameters from a ZeRO (any stage; pipelined or not) or plain-engine checkpoint."""
     plain = os.path.join(root, tag, PlainStep.PLAIN_FILE)
     if os.path.isfile(plain):
         return torch.load(plain, map_location="cpu", weights_only=False)["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-    return {k: v.float().contiguous() for k, v in sd.items()}
+    from pretrain.reshard import pipeline_parts
+
+    state: dict[str, torch.Tensor] = {}
+    for part in pipeline_parts(os.path.join(root, tag)):
+        # a pipelined run: every stage is a ZeRO checkpoint of its own, under the full model's names
+        if part:
+            sd = get_fp32_state_dict_from_zero_checkpoint(os.path.join(root, tag), tag=part)
+        else:
+            sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+        state.update({k: v.float().contiguous() for k, v in sd.items()})
+    return state
 
 
 def export(ckpt: str, out: str, tag: str | None = None) -> tuple[str, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import shutil
 import signal
 import socket
@@ -61,31 +62,42 @@ def run_ignoring_job_signals(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def pipeline_parts(tag_dir: str) -> list[str]:
+    """The per-stage folders (pipe0, pipe1, ...) of a pipelined run's checkpoint; [""] otherwise:
+    every part is an ordinary data-parallel ZeRO checkpoint of its own."""
+    parts = sorted((d for d in os.listdir(tag_dir) if re.fullmatch(r"pipe\d+", d)
+                    and os.path.isdir(os.path.join(tag_dir, d))), key=lambda d: int(d[4:]))
+    return parts or [""]
+
+
 def convert_to_universal(root: str, tag: str, workers: int = 1) -> str:
-    """Converts root/tag into root/<tag>_universal (atomically: a temporary folder renamed at the end)."""
+    """Converts root/tag into root/<tag>_universal (atomically: a temporary folder renamed at the
+    end); a pipelined checkpoint stage by stage (<tag>_universal/pipe{k})."""
     src = os.path.join(root, tag)
     if not os.path.isfile(os.path.join(src, COMPLETE)):
         raise RuntimeError(f"{src} is not a complete checkpoint")
     final = os.path.join(root, f"{tag}_universal")
-    if os.path.isdir(os.path.join(final, "zero")):
+    if universal_ready(root, tag):
         return final
     # one temporary folder per converter: a second one (another job, a manual run) never
     # deletes or mixes into this one's files; the first to finish wins, the other's copy goes
     tmp = os.path.join(root, f".tmp_{tag}_universal.{socket.gethostname()}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
-           "--output_folder", tmp, "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
     try:
-        # SLURM signals every process of the step (SIGUSR1 with --full, SIGTERM on preemption):
-        # the trainer answers with a checkpoint after the conversion, so the converter must not die
-        res = run_ignoring_job_signals(cmd)
-        if res.returncode != 0:
-            raise RuntimeError(f"ds_to_universal failed for {src} (exit status {res.returncode}):\n"
-                               f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        for part in pipeline_parts(src):
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   os.path.join(src, part), "--output_folder", os.path.join(tmp, part),
+                   "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
+            # SLURM signals every process of the step (SIGUSR1 with --full, SIGTERM on preemption):
+            # the trainer answers with a checkpoint after the conversion, so the converter must not die
+            res = run_ignoring_job_signals(cmd)
+            if res.returncode != 0:
+                raise RuntimeError(f"ds_to_universal failed for {os.path.join(src, part)} (exit status "
+                                   f"{res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
         for name in ("meta.json", "config.yaml"):
             shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
-        if not os.path.isdir(os.path.join(final, "zero")):  # else another converter finished first:
-            shutil.rmtree(final, ignore_errors=True)          # ranks may be loading its copy already
+        if not universal_ready(root, tag):  # else another converter finished first:
+            shutil.rmtree(final, ignore_errors=True)  # ranks may be loading its copy already
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed or superseded conversion leaves no copy behind
@@ -95,7 +107,9 @@ def convert_to_universal(root: str, tag: str, workers: int = 1) -> str:
 
 
 def universal_ready(root: str, tag: str) -> bool:
-    return os.path.isdir(os.path.join(root, f"{tag}_universal", "zero"))
+    src, final = os.path.join(root, tag), os.path.join(root, f"{tag}_universal")
+    parts = pipeline_parts(src) if os.path.isdir(src) else [""]
+    return all(os.path.isdir(os.path.join(final, part, "zero")) for part in parts)
 
 
 def convert_on_rank0(root: str, tag: str, rank: int, attempt: str, timeout_s: float, poll_s: float = 1.0) -> None:

@@ -105,7 +105,8 @@ class Trainer:
             state.bytes_seen += int(batch.global_bytes)
             self.reporter.step(step, batch, res, lr, t2 - t0, state.bytes_seen)
             self.guard_non_finite(step, res)
-            if cfg.data.cost_balance and step % cfg.train.log_every == 0 and not res.skipped:
+            if self.loader is not None and cfg.data.cost_balance and step % cfg.train.log_every == 0 \
+                    and not res.skipped:
                 feed_compression(self.loader, self.model_cfg, res.compression)
             self.maybe_evaluate(step)
             status = self.maybe_checkpoint_and_stop(step)
@@ -123,11 +124,34 @@ class Trainer:
         self.use_ds = cfg.train.engine == "deepspeed"
         if not self.use_ds and info.world_size > 1:
             raise ConfigError("train.engine=plain runs in one process; use train.engine=deepspeed with several ranks")
-        self.ds_config = resolve_ds_config(cfg, info.world_size) if self.use_ds else None
         self.model_cfg = HNetConfig.from_dict(cfg.model_dict())
+        self.pipeline = self.check_pipeline()
+        dp_world = info.world_size // cfg.parallel.pipeline_stages
+        self.ds_config = resolve_ds_config(cfg, dp_world) if self.use_ds else None
+        if self.pipeline:
+            from parallel.build import pipeline_ds_config
+
+            pipeline_ds_config(cfg, self.ds_config)  # refuses a DeepSpeed file that is not ZeRO-3, now
         self.ckpts = CheckpointManager(cfg.checkpoint_dir(), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
                                        info.rank)
-        self.resume_tag, self.resume_meta = self.ckpts.resume_point(self.model_cfg.to_dict(), cfg.train.engine)
+        self.resume_tag, self.resume_meta = self.ckpts.resume_point(self.model_cfg.to_dict(), cfg.train.engine,
+                                                                    self.pipeline)
+
+    def check_pipeline(self) -> dict | None:
+        """The pipeline layout ({"stages", "levels"}), or None without one; bad values are refused."""
+        from parallel.pipeline import split_levels
+
+        p, world = self.cfg.parallel.pipeline_stages, self.info.world_size
+        if p == 1:
+            return None
+        if world % p:
+            raise ConfigError(f"parallel.pipeline_stages={p}: the world size {world} is not divisible by it "
+                              f"(world = pipeline_stages x data-parallel size)")
+        try:
+            levels = split_levels(self.model_cfg, p, self.cfg.parallel.pipeline_levels)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return {"stages": p, "levels": levels}
 
     def build(self) -> None:
         """Process group, run directory, executor, data, schedule; registers the resumable state."""
@@ -139,22 +163,29 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.write_run_files()
         self.executor, self.group_mults, self.level_mults = build_executor(cfg, info, self.model_cfg, self.ds_config)
-        self.loader = build_loader(cfg, self.model_cfg, info.rank, info.world_size)
+        self.loader = self.make_loader()
         self.schedule = build_schedule(cfg, cfg.train.steps)
-        self.evaluator = Evaluator(self.executor, lambda: build_loader(cfg, self.model_cfg, info.rank, info.world_size,
-                                                                       eval_split=True),
-                                   self.model_cfg.num_stages, cfg.train.eval_max_steps)
+        self.evaluator = Evaluator(self.executor, lambda: self.make_loader(eval_split=True), self.model_cfg.num_stages,
+                                   cfg.train.eval_max_steps)
         self.faults = FaultInjector(cfg.debug, info.rank, self.log)
         self.stops = StopRequests(cfg.run_dir, self.signals)
         # Everything that decides what happens next, saved in every checkpoint and restored on
         # resume, in this order (the RNG's fallback reseed reads the restored step).
         self.ckpts.register_storage(self.executor)
         self.ckpts.register("train", self.state)
-        self.ckpts.register("data", self.loader)
+        if self.loader is not None:  # a pipeline's deeper ranks read no data
+            self.ckpts.register("data", self.loader)
         self.ckpts.register("schedule", self.schedule)
         self.ckpts.register("rng", PerRank(RNGState(cfg.train.seed, info.rank, self.state), info.rank,
                                            info.world_size))
         self.ckpts.register("tracking", self.tracking)
+
+    def make_loader(self, eval_split: bool = False):
+        """The data of this rank (None on ranks that read none: a pipeline's deeper stages)."""
+        ex = self.executor
+        if not ex.reads_data:
+            return None
+        return build_loader(self.cfg, self.model_cfg, ex.data_rank, ex.data_world, eval_split, group=ex.data_group)
 
     def write_run_files(self) -> None:
         """The resolved config (and DeepSpeed config) in the run directory, from rank 0."""
@@ -248,7 +279,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         meta = {"step": step, "bytes_seen": self.state.bytes_seen, "world_size": info.world_size,
                 "engine": cfg.train.engine, "model": self.model_cfg.to_dict(), "config_hash": cfg.hash(),
-                "mlflow_run_id": self.tracking.run_id, "time": time.time()}
+                "mlflow_run_id": self.tracking.run_id, "time": time.time(), "pipeline": self.pipeline}
         extra = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "world_size": info.world_size}
         tag = self.ckpts.save_registered(step, meta, self.config_yaml, extra, crash_hook=self.faults.save_hook(step))
         self.timers.ckpt_s += time.perf_counter() - t0
@@ -266,7 +297,8 @@ class Trainer:
                      f"{summary['data_share']:.1%}, tracking {summary['tracking_share']:.2%}, checkpoints "
                      f"{summary['ckpt_share']:.1%} of wall time")
         self.reporter.close()
-        self.loader.close()
+        if self.loader is not None:
+            self.loader.close()
         barrier()
         return status
 

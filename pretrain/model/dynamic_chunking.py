@@ -1,7 +1,7 @@
 """Dynamic chunking (paper section 2.2): routing, chunk, dechunk, confidence STE, ratio loss."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -12,8 +12,7 @@ from .sequence import PackedSeqs
 from .ssd import ema_scan
 
 
-@dataclass
-class RoutingOutput:
+class RoutingOutput(NamedTuple):
     """Routing decisions for the positions of one stage (packed row of T positions).
 
     boundary_prob:  (T,) p_t in [0, 1]; 1 at every document start.

@@ -76,6 +76,25 @@ def document_cost_terms(config: HNetConfig, ratios: list[float] | None = None):
     return TRAIN_FACTOR * linear, terms
 
 
+def level_flops_per_byte(config: HNetConfig, ratios: list[float] | None = None, doc_bytes: int = 8192) -> list[float]:
+    """Training FLOPs per byte of each hierarchy level (outer first) for documents of `doc_bytes`;
+    the embeddings and the LM head count to level 0. They sum to `flops_per_byte`."""
+    ratios = list(config.ratio_targets if ratios is None else ratios)
+    out, bytes_per_position = [], 1.0
+    for s in range(config.num_stages + 1):
+        per_pos, n_attn = _linear_flops_per_position(config, s)
+        f = per_pos / bytes_per_position + (2 * config.vocab_size * config.d_model[0] if s == 0 else 0.0)
+        f *= TRAIN_FACTOR
+        if n_attn:
+            w = config.attn_cfg.window_size[s]
+            coef = TRAIN_FACTOR * 4 * config.d_model[s] * n_attn
+            f += coef * attention_pairs(doc_bytes / bytes_per_position, w if w >= 0 else None) / doc_bytes
+        out.append(f)
+        if s < config.num_stages:
+            bytes_per_position *= ratios[s]
+    return out
+
+
 def document_flops(config: HNetConfig, n_bytes: float, ratios: list[float] | None = None) -> float:
     linear, terms = document_cost_terms(config, ratios)
     return linear * n_bytes + sum(c * attention_pairs(n_bytes / bpp, w) for c, bpp, w in terms)

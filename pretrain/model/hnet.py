@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -14,6 +15,52 @@ from .block import Isotropic
 from .config import HNetConfig
 from .dynamic_chunking import RoutingModule, RoutingOutput, chunk, dechunk, ratio_loss, ste
 from .sequence import PackedSeqs, check_cu_seqlens
+
+
+class LevelContext(NamedTuple):
+    """What an outer level's decoder needs from its encoder: the skip path (paper section 2.2).
+
+    seqs / inner_seqs: the documents at this level and after chunking; residual: residual_proj
+    of the encoder output (fp32, (1, T, D)); routing: this level's boundaries; d_in: the width
+    the level was entered with (the extra `pad_dimension` dims are sliced off on the way out);
+    dtype: the hidden dtype of the level.
+    """
+
+    seqs: PackedSeqs
+    inner_seqs: PackedSeqs
+    residual: torch.Tensor
+    routing: RoutingOutput
+    d_in: int
+    dtype: torch.dtype
+
+
+def pad_to_level(level, hidden: torch.Tensor) -> torch.Tensor:
+    """Widens hidden states entering `level` with its learned `pad_dimension` (D^{s} - D^{s-1} dims)."""
+    if level.pad_dimension is None:
+        return hidden
+    return torch.cat([hidden, level.pad_dimension.to(hidden.dtype).expand(*hidden.shape[:-1], -1)], dim=-1)
+
+
+def encode_level(level, hidden: torch.Tensor, seqs: PackedSeqs) -> tuple[torch.Tensor, PackedSeqs, LevelContext]:
+    """The way in through an outer level: pad, encoder, residual projection, routing, chunk.
+    hidden: (1, T, D_outer) -> the chunked (1, M, D_level), the inner documents, the skip context.
+    `level` is an outer `HNet` (or any module with its encoder, routing_module, residual_proj and
+    pad_dimension)."""
+    d_in = hidden.shape[-1]
+    hidden = level.encoder(pad_to_level(level, hidden), seqs)
+    with torch.autocast(hidden.device.type, enabled=False):  # the skip path stays fp32 under autocast
+        residual = level.residual_proj(hidden.to(level.residual_proj.weight.dtype))
+    routing = level.routing_module(hidden, seqs)
+    inner, inner_seqs = chunk(hidden, routing, seqs)
+    return inner, inner_seqs, LevelContext(seqs, inner_seqs, residual, routing, d_in, hidden.dtype)
+
+
+def decode_level(level, inner: torch.Tensor, ctx: LevelContext) -> torch.Tensor:
+    """The way out: dechunk (EMA + upsample), confidence STE, add the residual, decoder, slice
+    back to the outer width. inner: (1, M, D_level) -> (1, T, D_outer)."""
+    out = dechunk(inner, ctx.routing, ctx.inner_seqs)
+    hidden = (out * ste(ctx.routing.selected_probs).unsqueeze(-1) + ctx.residual).to(ctx.dtype)
+    return level.decoder(hidden, ctx.seqs)[..., :ctx.d_in]
 
 
 class HNet(nn.Module):
@@ -43,22 +90,12 @@ class HNet(nn.Module):
     def forward(self, hidden: torch.Tensor, seqs: PackedSeqs) -> tuple[torch.Tensor, list[RoutingOutput]]:
         """hidden: (1, T, D_outer) -> (1, T, D_outer), and the routing outputs of this level and
         the levels inside it (outer first)."""
-        d_in = hidden.shape[-1]
-        if self.pad_dimension is not None:
-            hidden = torch.cat([hidden, self.pad_dimension.to(hidden.dtype).expand(*hidden.shape[:-1], -1)], dim=-1)
         if self.is_innermost:
-            return self.main_network(hidden, seqs)[..., :d_in], []
-
-        hidden = self.encoder(hidden, seqs)
-        with torch.autocast(hidden.device.type, enabled=False):  # the skip path stays fp32 under autocast
-            residual = self.residual_proj(hidden.to(self.residual_proj.weight.dtype))
-        routing = self.routing_module(hidden, seqs)
-        inner, inner_seqs = chunk(hidden, routing, seqs)
+            d_in = hidden.shape[-1]
+            return self.main_network(pad_to_level(self, hidden), seqs)[..., :d_in], []
+        inner, inner_seqs, ctx = encode_level(self, hidden, seqs)
         inner, inner_routing = self.main_network(inner, inner_seqs)
-        out = dechunk(inner, routing, inner_seqs)
-        hidden = (out * ste(routing.selected_probs).unsqueeze(-1) + residual).to(hidden.dtype)
-        hidden = self.decoder(hidden, seqs)
-        return hidden[..., :d_in], [routing, *inner_routing]
+        return decode_level(self, inner, ctx), [ctx.routing, *inner_routing]
 
     def isotropic_networks(self) -> list[Isotropic]:
         if self.is_innermost:
@@ -151,57 +188,104 @@ class HNetForCausalLM(nn.Module):
         or -100 where there is no target. n_real: in a packed row whose end is padding (its own
         cu_seqlens segment), the number of real positions; routing statistics (F, G, ratio loss,
         compression) then count real positions only."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must hold integer byte ids, got {input_ids.dtype}")
-        if input_ids.numel() == 0:
-            raise ValueError("input_ids is empty")
-        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device read for both bounds
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"input_ids must be byte ids in 0..{self.config.vocab_size - 1}, got values in [{lo}, {hi}]")
-        B, L = input_ids.shape
-        if cu_seqlens is None:
-            cu_seqlens = torch.arange(B + 1, device=input_ids.device, dtype=torch.int32) * L
-        else:
-            if B != 1:
-                raise ValueError(f"with cu_seqlens, input_ids must be one packed row (1, T), got {tuple(input_ids.shape)}")
-            check_cu_seqlens(cu_seqlens, L)
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids shape {tuple(input_ids.shape)}")
-        seqs = PackedSeqs.from_cu_seqlens(cu_seqlens.to(input_ids.device))
-
-        hidden = self.embeddings(input_ids.reshape(1, B * L).long())  # packed rows arrive as uint8
-        hidden, routing = self.backbone(hidden, seqs)
-        logits = self.lm_head(hidden).float().view(B, L, -1)
-
-        out = HNetOutput(logits=logits)
-        stats, n = [], n_real
-        for r, target in zip(routing, self.config.ratio_targets):
-            if n is not None:  # padding sits at the row's end at every level (it is its own document)
-                r = RoutingOutput(r.boundary_prob[:n], r.boundary_mask[:n], r.selected_probs[:n])
-                n = int(r.boundary_mask.sum())
-            stats.append(self._stage_stats(r, target))
-        out.stages = stats
-        out.ratio_loss = (self.config.ratio_alpha * sum(s.ratio_loss for s in stats)) if stats else logits.new_zeros(())
-        if labels is not None:
-            flat = labels.reshape(-1).to(logits.device).long()  # packed rows arrive as int16
-            out.loss_sum = F.cross_entropy(logits.view(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX,
-                                           reduction="sum")
-            out.n_targets = (flat != IGNORE_INDEX).sum()
-            out.loss = out.loss_sum / out.n_targets.clamp(min=1)
+        seqs = self.check_inputs(input_ids, cu_seqlens, labels)
+        hidden, routing = self.backbone(self.embed(input_ids), seqs)
+        out = self.lm_output(hidden, input_ids.shape, labels)
+        out.stages, _ = self.stage_statistics(routing, n_real)
+        out.ratio_loss = self.weighted_ratio_loss(out.stages, out.logits)
         return out
 
-    @staticmethod
-    def _stage_stats(r: RoutingOutput, target: float) -> StageStats:
-        prob = upcast(r.boundary_prob)
-        if r.boundary_mask.numel() == 0:  # a padding-only row: no statistics, no ratio loss
-            zero = prob.sum()
-            return StageStats(r.boundary_mask, r.boundary_prob, F=zero.detach(), G=zero.detach(),
-                              compression_ratio=zero.detach(), ratio_loss=zero)
-        F_ = r.boundary_mask.to(prob.dtype).mean()
-        G = prob.mean()
-        n_chunks = r.boundary_mask.sum().clamp(min=1)
-        ratio = (r.boundary_mask.numel() / n_chunks.to(prob.dtype)).detach()
-        return StageStats(boundary_mask=r.boundary_mask, boundary_prob=r.boundary_prob, F=F_, G=G,
-                          compression_ratio=ratio, ratio_loss=ratio_loss(F_, G, target))
+    def check_inputs(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                     labels: torch.Tensor | None) -> PackedSeqs:
+        """Validates a batch (ValueError naming the problem); returns its documents at level 0."""
+        return check_inputs(self.config, input_ids, cu_seqlens, labels)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) byte ids -> (1, B*L, D0): rows laid end to end (packed rows arrive as uint8)."""
+        return self.embeddings(input_ids.reshape(1, -1).long())
+
+    def lm_output(self, hidden: torch.Tensor, shape, labels: torch.Tensor | None) -> HNetOutput:
+        return lm_output(self.lm_head, hidden, shape, labels)
+
+    def stage_statistics(self, routing: list[RoutingOutput], n_real: int | None = None,
+                         first_stage: int = 0) -> tuple[list[StageStats], int | None]:
+        return stage_statistics(self.config, routing, n_real, first_stage)
+
+    def weighted_ratio_loss(self, stats: list[StageStats], like: torch.Tensor) -> torch.Tensor:
+        return weighted_ratio_loss(self.config, stats, like)
+
+def check_inputs(config: HNetConfig, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                 labels: torch.Tensor | None) -> PackedSeqs:
+    """Validates a batch (ValueError naming the problem); returns its documents at level 0."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer byte ids, got {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        raise ValueError("input_ids is empty")
+    lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device read for both bounds
+    if lo < 0 or hi >= config.vocab_size:
+        raise ValueError(f"input_ids must be byte ids in 0..{config.vocab_size - 1}, got values in [{lo}, {hi}]")
+    B, L = input_ids.shape
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(B + 1, device=input_ids.device, dtype=torch.int32) * L
+    else:
+        if B != 1:
+            raise ValueError(f"with cu_seqlens, input_ids must be one packed row (1, T), got {tuple(input_ids.shape)}")
+        check_cu_seqlens(cu_seqlens, L)
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids shape {tuple(input_ids.shape)}")
+    return PackedSeqs.from_cu_seqlens(cu_seqlens.to(input_ids.device))
+
+
+def lm_output(lm_head: nn.Module, hidden: torch.Tensor, shape, labels: torch.Tensor | None) -> HNetOutput:
+    """lm_head and, with labels, the summed next-byte cross-entropy. hidden: (1, B*L, D0)."""
+    return next_byte_loss(lm_head(hidden), shape, labels)
+
+
+def next_byte_loss(logits: torch.Tensor, shape, labels: torch.Tensor | None) -> HNetOutput:
+    """The output for LM-head logits (1, B*L, 256): logits as fp32 (B, L, 256) and, with labels,
+    loss_sum (summed cross-entropy over targets, nats), n_targets and loss (their mean)."""
+    B, L = shape
+    logits = logits.float().view(B, L, -1)
+    out = HNetOutput(logits=logits)
+    if labels is not None:
+        flat = labels.reshape(-1).to(logits.device).long()  # packed rows arrive as int16
+        out.loss_sum = F.cross_entropy(logits.view(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX,
+                                       reduction="sum")
+        out.n_targets = (flat != IGNORE_INDEX).sum()
+        out.loss = out.loss_sum / out.n_targets.clamp(min=1)
+    return out
+
+
+def stage_statistics(config: HNetConfig, routing: list[RoutingOutput], n_real: int | None = None,
+                     first_stage: int = 0) -> tuple[list[StageStats], int | None]:
+    """Statistics of consecutive routing levels starting at `first_stage`; with n_real (the real
+    positions of the first of them, padding at the row's end) only real positions count.
+    Returns the statistics and the real positions of the level after the last."""
+    stats, n = [], n_real
+    for r, target in zip(routing, config.ratio_targets[first_stage:]):
+        if n is not None:  # padding sits at the row's end at every level (it is its own document)
+            r = RoutingOutput(r.boundary_prob[:n], r.boundary_mask[:n], r.selected_probs[:n])
+            n = int(r.boundary_mask.sum())
+        stats.append(_stage_stats(r, target))
+    return stats, n
+
+
+def weighted_ratio_loss(config: HNetConfig, stats: list[StageStats], like: torch.Tensor) -> torch.Tensor:
+    """alpha * sum over the given stages of eq. 10 (a zero scalar without stages)."""
+    return (config.ratio_alpha * sum(s.ratio_loss for s in stats)) if stats else like.new_zeros(())
+
+
+def _stage_stats(r: RoutingOutput, target: float) -> StageStats:
+    prob = upcast(r.boundary_prob)
+    if r.boundary_mask.numel() == 0:  # a padding-only row: no statistics, no ratio loss
+        zero = prob.sum()
+        return StageStats(r.boundary_mask, r.boundary_prob, F=zero.detach(), G=zero.detach(),
+                          compression_ratio=zero.detach(), ratio_loss=zero)
+    F_ = r.boundary_mask.to(prob.dtype).mean()
+    G = prob.mean()
+    n_chunks = r.boundary_mask.sum().clamp(min=1)
+    ratio = (r.boundary_mask.numel() / n_chunks.to(prob.dtype)).detach()
+    return StageStats(boundary_mask=r.boundary_mask, boundary_prob=r.boundary_prob, F=F_, G=G,
+                      compression_ratio=ratio, ratio_loss=ratio_loss(F_, G, target))

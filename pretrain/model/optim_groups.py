@@ -61,11 +61,15 @@ def parameter_stages(model: nn.Module) -> dict[str, int]:
     return stages
 
 
-def param_groups_spec(model: nn.Module, multipliers: list[float], weight_decay: float) -> list[dict]:
+def param_groups_spec(model: nn.Module, multipliers: list[float], weight_decay: float,
+                      reference: nn.Module | None = None) -> list[dict]:
     """torch.optim parameter groups, one per (level, decay or not): keys `params`, `lr_mult`,
-    `weight_decay`, `name`. The scheduler multiplies each group's lr by its `lr_mult`."""
-    stages = parameter_stages(model)
-    no_decay = no_weight_decay(model)
+    `weight_decay`, `name`. The scheduler multiplies each group's lr by its `lr_mult`.
+
+    `reference`: the full H-Net whose parameter names `model` uses for a part of it (a pipeline
+    stage): levels and the no-decay set are read from the full model."""
+    stages = parameter_stages(reference if reference is not None else model)
+    no_decay = no_weight_decay(reference if reference is not None else model)
     groups: dict[tuple[int, bool], dict] = {}
     seen = set()
     for name, param in model.named_parameters():

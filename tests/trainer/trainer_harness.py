@@ -15,6 +15,13 @@ PY = sys.executable
 TINY = str(REPO / "pretrain" / "configs" / "tiny.yaml")
 
 
+def make_demo_shards(out: Path) -> dict[str, str]:
+    """~450 KB of demo documents as WebDataset shards under `out`: train and val index paths."""
+    subprocess.run([PY, "-m", "data_pipeline.shard", "--demo", str(out), "--demo-bytes", "300KB"], cwd=REPO,
+                   env=base_env(), check=True, capture_output=True, timeout=120)
+    return {"train": str(out / "train" / "index.json"), "val": str(out / "val" / "index.json")}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
