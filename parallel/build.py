@@ -102,7 +102,7 @@ def build_pipeline_executor(cfg, info, model_cfg, ds_config: dict):
     from parallel.engine import build_engine
     from parallel.pipeline import PipelineGrid, PipelineStage, PipelineStep, split_levels
 
-    from parallel.pipeline.zero3 import scope_trace_check_to
+    from parallel.pipeline.zero3 import keep_persistent_params, one_checkpoint_part_per_stage, scope_trace_check_to
 
     grid = PipelineGrid(cfg.parallel.pipeline_stages)
     scope_trace_check_to(grid.dp_group)
@@ -113,5 +113,7 @@ def build_pipeline_executor(cfg, info, model_cfg, ds_config: dict):
     engine, group_mults = build_engine(stage, cfg, pipeline_ds_config(cfg, ds_config), mults, mpu=grid,
                                        reference=model)
     del model  # only this stage's modules stay referenced: no rank holds another stage's parameters
+    one_checkpoint_part_per_stage(engine)
+    keep_persistent_params(engine)
     executor = PipelineStep(engine, stage, grid, cfg.parallel.schedule, cfg.parallel.micro_batches_in_flight)
     return executor, group_mults, mults

@@ -141,3 +141,35 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def die_with_launcher(info: DistInfo, env: dict | None = None, poll_s: float = 1.0) -> bool:
+    """Under torchrun or the deepspeed launcher, end this rank within about `poll_s` seconds of
+    its launcher's death (SIGKILL to itself: an orphan must not checkpoint or log again). Their
+    workers run in sessions of their own and would otherwise outlive a killed launcher.
+
+    A watch of the parent PID rather than prctl(PR_SET_PDEATHSIG): that signal fires when the
+    parent *thread* that forked us exits, which a launcher's worker threads may do at any time.
+    Not under srun (slurmstepd ends a step's tasks itself) nor for a single process started by
+    hand (its parent is a shell, which may go while the run should go on, as under nohup).
+    Returns whether the watch runs."""
+    import signal
+    import threading
+    import time
+
+    env = os.environ if env is None else env
+    if info.launcher != "torchrun" or "SLURM_STEP_ID" in env:
+        return False
+    parent = os.getppid()
+    if parent == 1:
+        return False  # already re-parented to init before we looked: nothing to watch
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                print(f"[train] rank {info.rank}: the launcher (pid {parent}) is gone; ending this rank", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+    return True

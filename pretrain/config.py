@@ -90,6 +90,10 @@ class TrainSection:
     deterministic: bool = False  # torch.use_deterministic_algorithms (exact-resume tests)
     peak_tflops: float = 0.0  # per device, for perf/mfu; 0 = look up by GPU name
     collective_timeout_s: float = 900.0  # a collective waiting longer (a hung or dead peer) fails the rank
+    require_fused: bool = True  # on CUDA, stop at start when a fused kernel (mamba-ssm, causal-conv1d,
+    #                             flash-attn) does not import, naming the import error
+    lease_stale_s: float = 180.0  # a run-directory lease without a heartbeat for this long may be taken over
+    lease_heartbeat_s: float = 5.0  # how often the lease holder (global rank 0) refreshes it
 
 
 @dataclass
@@ -123,6 +127,8 @@ class TrackingSection:
     experiment: str = "hnet-pretrain"
     run_name: str = ""
     flush_every: int = 50  # steps between log_batch calls (also flushed before checkpoints)
+    max_failures: int = 5  # consecutive failed sends (retried with backoff) before tracking goes offline:
+    #                        then metrics go to RUN_DIR/unsent_metrics.jsonl (python -m pretrain.tracking replay)
 
 
 @dataclass
@@ -208,6 +214,9 @@ class ExperimentConfig:
                 if not Path(path).is_file():
                     raise ConfigError(f"data.{key}: no such shard index {path!r}")
         _one_of("parallel.schedule", self.parallel.schedule, ("v", "1f1b", "gpipe"))
+        if not 0 < self.train.lease_heartbeat_s * 2 < self.train.lease_stale_s:
+            raise ConfigError(f"train.lease_stale_s={self.train.lease_stale_s:g} must exceed twice "
+                              f"train.lease_heartbeat_s={self.train.lease_heartbeat_s:g} (and both be positive)")
         if self.parallel.pipeline_stages < 1:
             raise ConfigError(f"parallel.pipeline_stages must be >= 1, got {self.parallel.pipeline_stages}")
         if self.parallel.micro_batches_in_flight < 0:

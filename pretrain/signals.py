@@ -33,12 +33,15 @@ class SignalFlag:
 
 
 class StopRequests:
-    """`poll()` -> (signalled, stopped), the same on every rank."""
+    """`poll()` -> (signalled, stopped, lease_lost), the same on every rank. `lease_lost` is an
+    Event set when another launch took the run directory over (pretrain/lease.py)."""
 
-    def __init__(self, run_dir: str, flag: SignalFlag):
+    def __init__(self, run_dir: str, flag: SignalFlag, lease_lost=None):
         self.stop_file = os.path.join(run_dir, STOP_FILE)
-        self.flag = flag
+        self.flag, self.lease_lost = flag, lease_lost
 
-    def poll(self) -> tuple[bool, bool]:
-        signalled, stopped = all_reduce_max([float(self.flag.raised != 0), float(os.path.exists(self.stop_file))])
-        return bool(signalled), bool(stopped)
+    def poll(self) -> tuple[bool, bool, bool]:
+        lost = self.lease_lost is not None and self.lease_lost.is_set()
+        signalled, stopped, lost = all_reduce_max([float(self.flag.raised != 0), float(os.path.exists(self.stop_file)),
+                                                   float(lost)])
+        return bool(signalled), bool(stopped), bool(lost)

@@ -5,12 +5,24 @@ only rank 0 ever opens the store (a fresh SQLite database migrates its schema on
 process). Metrics are buffered and sent every `flush_every` steps, before every checkpoint and
 at exit. `seconds` accumulates the wall time spent inside the tracker (the cost reported as a
 share of step time).
+
+Tracking never stops training. A failed send (a server that went away, "database is locked"
+when several jobs share one SQLite file, a removed file) keeps the buffer and is retried at a
+later flush after a backoff (1, 2, 4 ... 60 s, never sleeping in the loop); after
+`tracking.max_failures` failures in a row, or when the store cannot be opened at start, the run
+goes on offline: every metric, param and tag from then on is appended to
+RUN_DIR/unsent_metrics.jsonl, which `python -m pretrain.tracking replay RUN_DIR` sends later
+(into the same MLflow run when its id is known). The default store stays one SQLite file in the
+working directory, so that the runs of a project compare in one place; jobs that share it wait
+for its lock and, past SQLite's timeout, retry as above.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
+import sys
 import time
 from importlib import metadata
 
@@ -21,6 +33,9 @@ PACKAGES = ("torch", "deepspeed", "mlflow", "webdataset", "numpy", "pyarrow", "m
             "flash_attn", "triton")
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 BATCH_LIMIT = 1000  # metrics per log_batch call accepted by MLflow
+UNSENT_FILE = "unsent_metrics.jsonl"
+MAX_BACKOFF_S = 60.0
+OPEN_ATTEMPTS = 3  # tries to open the store at start (1 s, 2 s apart) before training offline
 
 
 def default_tracking_uri(config_uri: str = "") -> str:
@@ -78,11 +93,20 @@ class NullTracker:
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_artifact_text(self, name: str, text: str) -> None:
+        pass
+
 
 class MlflowTracker(NullTracker):
     def __init__(self, uri: str, experiment: str, run_id: str | None = None, run_name: str = "",
-                 flush_every: int = 50, resume_step: int | None = None):
+                 flush_every: int = 50, resume_step: int | None = None, run_dir: str = ".", max_failures: int = 5,
+                 warn=print):
         t0 = time.perf_counter()
+        self.run_dir, self.max_failures, self.warn = run_dir, max(1, max_failures), warn
+        self.offline: OfflineLog | None = None
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
 
@@ -107,6 +131,9 @@ class MlflowTracker(NullTracker):
             self.run_id = run.info.run_id
             restarts = int(run.data.tags.get("restart_count", "0")) + 1
             self.client.set_tag(run_id, "restart_count", str(restarts))
+            # when this attempt began: what it logs after this instant supersedes earlier values of
+            # the same steps, and the gap before it was queue time, not training (pretrain.compare)
+            self.client.set_tag(run_id, f"restart_{restarts}.started_ms", str(int(time.time() * 1000)))
             if resume_step is not None:
                 # Metrics flushed between that checkpoint and a hard kill are logged again by this
                 # attempt (MLflow cannot delete them): per step, the newest value is the one the
@@ -124,26 +151,33 @@ class MlflowTracker(NullTracker):
         self._buffer: list = []
         self._last_step = None
         self._steps_buffered = 0
+        self._failures, self._retry_at = 0, 0.0
         self.seconds = time.perf_counter() - t0
         self.setup_seconds = self.seconds
 
     # ---------------------------------------------------------------- params / artifacts
     def log_params(self, params: dict) -> None:
         """Params are immutable in MLflow: on a resumed run only keys not yet logged are sent."""
-        t0 = time.perf_counter()
         flat = {k: _param_str(v) for k, v in flatten(params).items()}
-        if self.resumed:
-            existing = self.client.get_run(self.run_id).data.params
-            flat = {k: v for k, v in flat.items() if k not in existing}
-        items = [self._Param(k, v) for k, v in flat.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
-        self.seconds += time.perf_counter() - t0
+
+        def send() -> None:
+            todo = flat
+            if self.resumed:
+                existing = self.client.get_run(self.run_id).data.params
+                todo = {k: v for k, v in flat.items() if k not in existing}
+            items = [self._Param(k, v) for k, v in todo.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+        self._safely("logging params", send, {"kind": "params", "params": flat})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        tags = {k: str(v)[:MAX_PARAM_LEN] for k, v in tags.items()}
+        self._safely("setting tags", lambda: self.client.log_batch(
+            self.run_id, tags=[self._RunTag(k, v) for k, v in tags.items()]), {"kind": "tags", "tags": tags})
 
     def log_artifact_text(self, name: str, text: str) -> None:
-        t0 = time.perf_counter()
-        self.client.log_text(self.run_id, text, name)
-        self.seconds += time.perf_counter() - t0
+        self._safely(f"logging artifact {name}", lambda: self.client.log_text(self.run_id, text, name))
 
     # ---------------------------------------------------------------- metrics
     def log(self, metrics: dict, step: int) -> None:
@@ -157,22 +191,70 @@ class MlflowTracker(NullTracker):
             self._steps_buffered += 1
             self._last_step = step
         self.seconds += time.perf_counter() - t0
-        if self._steps_buffered >= self.flush_every:
+        if self._steps_buffered >= self.flush_every or (self.offline is not None and self._buffer):
             self.flush()
 
     def flush(self) -> None:
         t0 = time.perf_counter()
-        buf, self._buffer = self._buffer, []
-        for i in range(0, len(buf), BATCH_LIMIT):
-            self.client.log_batch(self.run_id, metrics=buf[i:i + BATCH_LIMIT])
-        self._steps_buffered = 0
-        self.seconds += time.perf_counter() - t0
+        try:
+            if self.offline is not None:
+                self._spill()
+                return
+            if self._buffer and time.monotonic() < self._retry_at:
+                return  # backing off after a failure: the buffer waits for a later flush
+            while self._buffer:
+                self.client.log_batch(self.run_id, metrics=self._buffer[:BATCH_LIMIT])
+                del self._buffer[:BATCH_LIMIT]
+            self._failures, self._steps_buffered = 0, 0
+        except Exception as e:  # any store error: tracking must not stop training
+            self._failed(e)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _failed(self, e: Exception) -> None:
+        self._failures += 1
+        backoff = min(MAX_BACKOFF_S, 2.0 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + backoff
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        if self._failures >= self.max_failures:
+            self.go_offline(f"{self._failures} failed sends in a row, the last: {msg}")
+        else:
+            self.warn(f"[tracking] warning: sending metrics to {self.uri} failed ({msg}); {len(self._buffer)} "
+                      f"kept, retry in {backoff:.0f} s ({self._failures}/{self.max_failures})")
+
+    def go_offline(self, why: str) -> None:
+        """From now on everything goes to RUN_DIR/unsent_metrics.jsonl (replay it later)."""
+        self.offline = OfflineLog(self.run_dir, self.run_id, self.uri)
+        self.warn(f"[tracking] warning: MLflow tracking is offline for the rest of this run ({why}); metrics go to "
+                  f"{self.offline.path}: send them later with python -m pretrain.tracking replay {self.run_dir}")
+        self._spill()
+
+    def _spill(self) -> None:
+        self.offline.metrics(self._buffer)
+        self._buffer, self._steps_buffered = [], 0
+
+    def _safely(self, what: str, fn, offline_record: dict | None = None) -> None:
+        """A param, tag or artifact call that must not stop training either."""
+        t0 = time.perf_counter()
+        try:
+            if self.offline is not None:
+                if offline_record:
+                    self.offline.write(offline_record)
+                return
+            fn()
+        except Exception as e:
+            self.warn(f"[tracking] warning: {what} failed ({type(e).__name__}: {str(e)[:200]}); training goes on")
+            if offline_record:
+                OfflineLog(self.run_dir, self.run_id, self.uri).write(offline_record)
+        finally:
+            self.seconds += time.perf_counter() - t0
 
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
-        t0 = time.perf_counter()
-        self.client.set_terminated(self.run_id, status=status)
-        self.seconds += time.perf_counter() - t0
+        if self._buffer and self.offline is None:  # the last chance to send: keep what did not go
+            self.go_offline("the final send failed")
+        self._safely("ending the MLflow run", lambda: self.client.set_terminated(self.run_id, status=status),
+                     {"kind": "status", "status": status})
 
 
 def _param_str(v) -> str:
@@ -185,7 +267,7 @@ def open_tracking(cfg, rank: int, run_id: str | None, resume_step: int | None, p
     """The run's tracker (rank 0; a no-op elsewhere or with tracking off), with its params (the
     commit and package versions added) and text artifacts logged."""
     tracker = make_tracker(cfg, rank, run_id, resume_step)
-    if tracker.run_id:
+    if isinstance(tracker, MlflowTracker):
         tracker.log_params({**params, "git_commit": git_commit(), "versions": package_versions()})
         for name, text in artifacts.items():
             tracker.log_artifact_text(name, text)
@@ -197,6 +279,129 @@ def make_tracker(cfg, rank: int, run_id: str | None, resume_step: int | None = N
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
     uri = default_tracking_uri(cfg.tracking.uri)
-    return MlflowTracker(uri, cfg.tracking.experiment, run_id=run_id,
-                         run_name=cfg.tracking.run_name or os.path.basename(os.path.abspath(cfg.run_dir)),
-                         flush_every=cfg.tracking.flush_every, resume_step=resume_step)
+    error = None
+    for attempt in range(OPEN_ATTEMPTS):
+        if attempt:
+            print(f"[tracking] warning: opening MLflow store {uri} failed ({type(error).__name__}); retrying",
+                  flush=True)
+            time.sleep(2.0 ** (attempt - 1))
+        try:
+            return MlflowTracker(uri, cfg.tracking.experiment, run_id=run_id,
+                                 run_name=cfg.tracking.run_name or os.path.basename(os.path.abspath(cfg.run_dir)),
+                                 flush_every=cfg.tracking.flush_every, resume_step=resume_step, run_dir=cfg.run_dir,
+                                 max_failures=cfg.tracking.max_failures)
+        except Exception as e:  # e.g. two jobs creating one fresh SQLite store race in its schema migration
+            error = e
+    # the store cannot be opened: train anyway, and keep everything for a replay
+    tracker = OfflineTracker(cfg.run_dir, run_id, uri, cfg.tracking.experiment, resume_step)
+    first_line = str(error).splitlines()[0][:300] if str(error) else ""
+    print(f"[tracking] warning: cannot open MLflow store {uri} ({type(error).__name__}: {first_line}); tracking "
+          f"offline, metrics go to {tracker.offline.path}: send them later with python -m pretrain.tracking replay "
+          f"{cfg.run_dir}", flush=True)
+    return tracker
+
+
+# ----------------------------------------------------------------------------- offline
+class OfflineLog:
+    """Appends what could not be sent to RUN_DIR/unsent_metrics.jsonl, one JSON record a line."""
+
+    def __init__(self, run_dir: str, run_id: str | None, uri: str):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, UNSENT_FILE)
+        self.run_id, self.uri = run_id, uri
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"run_id": self.run_id, "uri": self.uri, **record}) + "\n")
+
+    def metrics(self, metrics: list) -> None:
+        if metrics:
+            self.write({"kind": "metrics", "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics]})
+
+
+class _Metric:
+    __slots__ = ("key", "value", "timestamp", "step")
+
+    def __init__(self, key, value, timestamp, step):
+        self.key, self.value, self.timestamp, self.step = key, value, timestamp, step
+
+
+class OfflineTracker(MlflowTracker):
+    """A run whose store could not be opened at start: everything goes to the unsent file."""
+
+    def __init__(self, run_dir: str, run_id: str | None, uri: str, experiment: str, resume_step: int | None):
+        self._Metric = _Metric
+        self.uri, self.run_dir, self.max_failures, self.warn = uri, run_dir, 1, print
+        self.run_id = run_id  # None for a new run: replay creates it
+        self.resumed, self.flush_every = run_id is not None, 1
+        self._buffer, self._last_step, self._steps_buffered = [], None, 0
+        self._failures, self._retry_at = 0, 0.0
+        self.seconds = self.setup_seconds = 0.0
+        self.offline = OfflineLog(run_dir, run_id, uri)
+        self.offline.write({"kind": "open", "experiment": experiment, "resume_step": resume_step,
+                            "run_name": os.path.basename(os.path.abspath(run_dir))})
+
+
+def replay(run_dir: str, uri: str = "", experiment: str = "") -> tuple[str, int]:
+    """Sends RUN_DIR/unsent_metrics.jsonl to MLflow (the run it names, or a new run); renames the
+    file once sent. Returns (run id, metrics sent)."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    path = os.path.join(run_dir, UNSENT_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"nothing to replay: no {path}")
+    records = [json.loads(line) for line in open(path) if line.strip()]
+    uri = uri or next((r.get("uri") for r in records if r.get("uri")), "") or default_tracking_uri("")
+    client = MlflowClient(tracking_uri=uri)
+    run_id = next((r["run_id"] for r in records if r.get("run_id")), None)
+    if run_id is None:
+        opened = next((r for r in records if r.get("kind") == "open"), {})
+        name = experiment or opened.get("experiment") or "hnet-pretrain"
+        exp = client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(name)
+        run_id = client.create_run(exp_id, run_name=opened.get("run_name"), tags={"replayed_from": path}).info.run_id
+    existing = set(client.get_run(run_id).data.params)
+    sent, status = 0, None
+    for r in records:
+        kind = r.get("kind")
+        if kind == "metrics":
+            ms = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in r["metrics"]]
+            for i in range(0, len(ms), BATCH_LIMIT):
+                client.log_batch(run_id, metrics=ms[i:i + BATCH_LIMIT])
+            sent += len(ms)
+        elif kind == "params":
+            items = [Param(k, v) for k, v in r["params"].items() if k not in existing]
+            for i in range(0, len(items), 100):
+                client.log_batch(run_id, params=items[i:i + 100])
+            existing |= {p.key for p in items}
+        elif kind == "tags":
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in r["tags"].items()])
+        elif kind == "status":
+            status = r["status"]
+    if status:
+        client.set_terminated(run_id, status=status)
+    os.replace(path, path + f".replayed.{int(time.time())}")
+    return run_id, sent
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pretrain.tracking",
+                                 description="Send a run's unsent metrics (RUN_DIR/unsent_metrics.jsonl) to MLflow.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    rp = sub.add_parser("replay", help="send RUN_DIR/unsent_metrics.jsonl")
+    rp.add_argument("run_dir")
+    rp.add_argument("--tracking-uri", default="", help="default: the store the run tried to use")
+    rp.add_argument("--experiment", default="", help="for a run that never reached the store")
+    a = ap.parse_args(argv)
+    try:
+        run_id, n = replay(a.run_dir, a.tracking_uri, a.experiment)
+    except FileNotFoundError as e:
+        print(f"[tracking] error: {e}", file=sys.stderr)
+        return 2
+    print(f"[tracking] replayed {n} metric values into MLflow run {run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

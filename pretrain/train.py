@@ -32,7 +32,8 @@ import time
 
 import torch
 
-from parallel.distributed import all_gather_object, barrier, broadcast_object, init_process_group, setup_env
+from parallel.distributed import (all_gather_object, barrier, broadcast_object, die_with_launcher, init_process_group,
+                                  setup_env)
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import ExperimentConfig, dump_yaml, load_config
 from pretrain.data import build_loader, feed_compression
@@ -60,6 +61,7 @@ class Trainer:
         self.signals = SignalFlag()
         self.signals.install()
         self.state, self.tracking = TrainState(), TrackingState()
+        self.lease, self.lease_how = None, ""  # the run directory's lease, held by global rank 0
 
     def log(self, msg: str) -> None:
         if self.info.rank == 0:
@@ -68,6 +70,19 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def train(self) -> str:
         """Runs (or resumes) the experiment; returns "completed", "preempted" or "stopped"."""
+        try:
+            status = self.run()
+        except (ConfigError, TrainingError):
+            self.release_run_dir()  # a deliberate stop: the user may start again at once
+            raise
+        self.release_run_dir()  # a crash (any other exception) leaves the lease to go stale
+        return status
+
+    def release_run_dir(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+
+    def run(self) -> str:
         self.check()
         self.build()
         self.maybe_resume()
@@ -125,6 +140,7 @@ class Trainer:
         if not self.use_ds and info.world_size > 1:
             raise ConfigError("train.engine=plain runs in one process; use train.engine=deepspeed with several ranks")
         self.model_cfg = HNetConfig.from_dict(cfg.model_dict())
+        self.check_kernels()
         self.pipeline = self.check_pipeline()
         dp_world = info.world_size // cfg.parallel.pipeline_stages
         self.ds_config = resolve_ds_config(cfg, dp_world) if self.use_ds else None
@@ -136,6 +152,38 @@ class Trainer:
                                        info.rank)
         self.resume_tag, self.resume_meta = self.ckpts.resume_point(self.model_cfg.to_dict(), cfg.train.engine,
                                                                     self.pipeline)
+        self.take_run_dir()
+
+    def take_run_dir(self) -> None:
+        """The run directory's lease (pretrain/lease.py): rank 0 takes it, the other ranks wait
+        until it names this launch; a live other launch is refused on every rank, before any
+        process group exists. Under torchrun, ranks also end when their launcher is gone."""
+        from pretrain.lease import RunLease
+
+        t = self.cfg.train
+        die_with_launcher(self.info)
+        lease = RunLease(self.cfg.run_dir, t.lease_stale_s, t.lease_heartbeat_s)
+        if self.info.rank != 0:
+            lease.wait_for_own_launch(timeout_s=max(120.0, 2 * t.lease_stale_s))
+            return
+        how = lease.acquire()
+        self.lease, self.lease_how = lease, how
+        if how.startswith(("taken over", "taken back")):
+            self.log(f"run directory lease {how}")
+
+    def check_kernels(self) -> None:
+        """Which fused kernels this run uses, and why not the others (logged, tracked as
+        kernels.*); on CUDA a missing one stops the run unless train.require_fused=false."""
+        from pretrain.model import kernels
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.kernels = kernels.status(device_type)
+        for name, state in self.kernels.items():
+            self.log(f"kernel {name}: {state}")
+        try:
+            kernels.check_required(device_type, self.cfg.train.require_fused)
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
 
     def check_pipeline(self) -> dict | None:
         """The pipeline layout ({"stages", "levels"}), or None without one; bad values are refused."""
@@ -168,7 +216,7 @@ class Trainer:
         self.evaluator = Evaluator(self.executor, lambda: self.make_loader(eval_split=True), self.model_cfg.num_stages,
                                    cfg.train.eval_max_steps)
         self.faults = FaultInjector(cfg.debug, info.rank, self.log)
-        self.stops = StopRequests(cfg.run_dir, self.signals)
+        self.stops = StopRequests(cfg.run_dir, self.signals, self.lease.lost if self.lease else None)
         # Everything that decides what happens next, saved in every checkpoint and restored on
         # resume, in this order (the RNG's fallback reseed reads the restored step).
         self.ckpts.register_storage(self.executor)
@@ -219,13 +267,16 @@ class Trainer:
         metrics = TrainMetrics(self.model_cfg, info.world_size, cfg.train.precision, cfg.train.peak_tflops)
         params = {"config": cfg.to_dict(), "world_size": info.world_size, "ds": self.ds_config or {"engine": "plain"},
                   "model_resolved": self.model_cfg.to_dict(), "lr_multipliers": self.level_mults,
-                  "perf": {"peak_tflops": metrics.peak, "peak_source": metrics.peak_source}}
+                  "perf": {"peak_tflops": metrics.peak, "peak_source": metrics.peak_source},
+                  "kernels": self.kernels}
         artifacts = {"config.yaml": self.config_yaml}
         if self.ds_config is not None:
             artifacts["ds_config.json"] = json.dumps(self.ds_config, indent=1)
         self.tracker = open_tracking(cfg, info.rank, self.tracking.run_id,
                                      self.state.step if self.resume_tag else None, params, artifacts, self.log)
         self.tracking.run_id = broadcast_object(self.tracker.run_id)  # the same client state on every rank
+        if self.lease_how.startswith(("taken over", "taken back")):
+            self.tracker.set_tags({f"lease.taken_at_step_{self.state.step}": self.lease_how})
         if metrics.peak:
             self.log(f"perf/mfu against {metrics.peak:g} TFLOP/s per device ({metrics.peak_source})")
         self.reporter = StepReporter(metrics, self.tracker, cfg.run_dir, info.rank, cfg.train.steps,
@@ -256,11 +307,29 @@ class Trainer:
         ev = self.evaluator.run()
         self.timers.eval_s += time.perf_counter() - t0
         self.reporter.eval(step, ev)
+        self.draw_chunks(step, ev)
+
+    def draw_chunks(self, step: int, ev: dict) -> None:
+        """The held-out passage with every stage's boundaries, as an HTML artifact (rank 0)."""
+        from pretrain.chunks import boundary_html
+
+        if self.info.rank != 0 or self.evaluator.picture is None:
+            return
+        data, per_stage = self.evaluator.picture
+        comp = [ev[f"eval/compression/stage{s}"] for s in range(self.model_cfg.num_stages)]
+        page = boundary_html(data, per_stage, f"held-out passage at step {step}", comp)
+        os.makedirs(os.path.join(self.cfg.run_dir, "chunks"), exist_ok=True)
+        with open(os.path.join(self.cfg.run_dir, "chunks", f"step{step:08d}.html"), "w") as f:
+            f.write(page)
+        self.tracker.log_artifact_text(f"chunks/step{step:08d}.html", page)
 
     def maybe_checkpoint_and_stop(self, step: int) -> str | None:
         """Checkpoints on the cadence, at the end, and when any rank was signalled or STOP exists;
         returns the status to leave with, or None to go on."""
-        signalled, stopped = self.stops.poll()  # all ranks agree: they save and leave at the same step
+        signalled, stopped, lease_lost = self.stops.poll()  # all ranks agree: they save and leave at one step
+        if lease_lost:
+            raise TrainingError(f"stopping at step {step} without a checkpoint: another launch took over the "
+                                f"lease of {self.cfg.run_dir} (it judged ours stale); that launch owns it now")
         every = self.cfg.checkpoint.every
         if (every and step % every == 0) or step == self.cfg.train.steps or signalled or stopped:
             self.save_checkpoint(step)

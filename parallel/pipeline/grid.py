@@ -14,6 +14,7 @@ is the `mpu` handed to `deepspeed.initialize`:
   parameter, so every stage must count its own. It also names checkpoint files mp_rank_00:
   each stage saves into a folder of its own (pipe{k}), a plain data-parallel ZeRO-3 checkpoint.
 - tensor parallelism: none (size 1).
+The model-parallel size the engine records in checkpoints is set back to 1 (zero3.py).
 """
 from __future__ import annotations
 

@@ -63,6 +63,13 @@ def decode_level(level, inner: torch.Tensor, ctx: LevelContext) -> torch.Tensor:
     return level.decoder(hidden, ctx.seqs)[..., :ctx.d_in]
 
 
+class ResidualProjection(nn.Linear):
+    """The skip path's projection (paper section 2.2), fp32 whatever the model dtype, as in the
+    public code. A class of its own: DeepSpeed's torch-autocast support tags the parameters of
+    exact `nn.Linear` instances with a bf16 communication dtype (ZeRO-3 would gather them in
+    bf16), and an exact-class match leaves a subclass alone."""
+
+
 class HNet(nn.Module):
     """One hierarchy level. Outer levels hold encoder, routing, main_network (the next level),
     decoder and residual_proj; the innermost level holds only main_network (an Isotropic).
@@ -83,7 +90,7 @@ class HNet(nn.Module):
             self.decoder = Isotropic(layout[2], config, stage, **fk)
             self.routing_module = RoutingModule(self.d_model, **fk)
             # The skip connection runs in fp32 whatever the model dtype.
-            self.residual_proj = nn.Linear(self.d_model, self.d_model, device=device, dtype=torch.float32)
+            self.residual_proj = ResidualProjection(self.d_model, self.d_model, device=device, dtype=torch.float32)
         extra = self.d_model - config.d_model[stage - 1] if stage > 0 else 0
         self.pad_dimension = nn.Parameter(torch.zeros(extra, **fk)) if extra > 0 else None
 

@@ -14,11 +14,20 @@ import os
 import torch
 
 
+_IMPORT_ERRORS: dict[str, str] = {}
+
+# What each fused package accelerates, and the module that must import for it.
+FUSED = {"mamba_ssm": ("the Mamba-2 chunked scan", "mamba_ssm.ops.triton.ssd_combined"),
+         "causal_conv1d": ("the Mamba-2 causal convolution", "causal_conv1d"),
+         "flash_attn": ("varlen attention (bf16/fp16)", "flash_attn")}
+
+
 @functools.lru_cache(maxsize=None)
 def _module(name: str):
     try:
         return importlib.import_module(name)
-    except Exception:  # ImportError, or an OSError/RuntimeError from a missing CUDA extension
+    except Exception as e:  # ImportError, or an OSError/RuntimeError from a missing CUDA extension
+        _IMPORT_ERRORS[name] = f"{type(e).__name__}: {e}"
         return None
 
 
@@ -60,3 +69,32 @@ def pure_ssd_chunk_size(t: torch.Tensor, configured: int) -> int:
 def available() -> dict[str, bool]:
     """Which fused packages import on this machine (for logs and the GPU check script)."""
     return {name: _module(name) is not None for name in ("mamba_ssm", "causal_conv1d", "flash_attn")}
+
+
+def status(device_type: str) -> dict[str, str]:
+    """Per fused package, "active" or "inactive: <why>" (the import error, the device, or
+    HNET_DISABLE_FUSED), for tensors on a `device_type` device. For the start-up log and the
+    MLflow params (kernels.*)."""
+    out = {}
+    for name, (what, module) in FUSED.items():
+        if os.environ.get("HNET_DISABLE_FUSED", "0") == "1":
+            out[name] = "inactive: HNET_DISABLE_FUSED=1"
+        elif device_type != "cuda":
+            out[name] = f"inactive: tensors on {device_type} (fused kernels are CUDA only)"
+        elif _module(module) is None:
+            out[name] = f"inactive: import failed ({_IMPORT_ERRORS.get(module, 'unknown error')})"
+        else:
+            out[name] = "active"
+    return out
+
+
+def check_required(device_type: str, require: bool) -> None:
+    """On CUDA with `require`, raises RuntimeError naming every fused kernel that is missing and
+    its import error (a silent fall-back to the pure path would be several times slower)."""
+    if device_type != "cuda" or not require or os.environ.get("HNET_DISABLE_FUSED", "0") == "1":
+        return
+    missing = {k: v for k, v in status(device_type).items() if v != "active"}
+    if missing:
+        lines = "; ".join(f"{k} ({FUSED[k][0]}): {v[len('inactive: '):]}" for k, v in missing.items())
+        raise RuntimeError(f"fused kernels missing on CUDA: {lines}. Install them with pip install -e '.[cuda]', "
+                           f"or run the pure-PyTorch path knowingly with train.require_fused=false")

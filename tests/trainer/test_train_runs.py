@@ -319,3 +319,34 @@ def test_export_consolidated_public_state_dict(straight, tmp_path):
     assert config.d_model == [32, 48] and config.ratio_targets == [4.0]
     fresh = HNetForCausalLM(config)
     fresh.load_state_dict(torch.load(out / "model.pt", weights_only=True), strict=True)
+
+
+def test_sample_from_a_zero3_run_directory(straight, tmp_path):
+    """pretrain.sample consolidates the ZeRO-3 shards on the fly; greedy output equals the one
+    from the exported state dict of the same checkpoint."""
+    def sample(ckpt: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PY, "-m", "pretrain.sample", str(ckpt), "--prompt", "The ", "ab",
+                               "--max-bytes", "24", "--temperature", "0", "--no-eos", *extra], cwd=tmp_path,
+                              env=base_env(), capture_output=True, text=True, timeout=180)
+
+    res = sample(straight, "--show-boundaries", "--html", str(tmp_path / "b.html"), "--jsonl", str(tmp_path / "o.jsonl"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["n_bytes"] for r in rows] == [24, 24] and all(r["stop_reason"] == "max_bytes" for r in rows)
+    assert "bytes/s" in res.stderr and "data-b0" in (tmp_path / "b.html").read_text()
+    exp = subprocess.run([PY, "-m", "pretrain.export", str(straight), str(tmp_path / "export")], cwd=tmp_path,
+                         env=base_env(), capture_output=True, text=True, timeout=180)
+    assert exp.returncode == 0, exp.stderr
+    res2 = sample(tmp_path / "export" / "model.pt", "--jsonl", str(tmp_path / "o2.jsonl"))
+    assert res2.returncode == 0, res2.stderr
+    rows2 = [json.loads(line) for line in (tmp_path / "o2.jsonl").read_text().splitlines()]
+    assert [r["output_hex"] for r in rows2] == [r["output_hex"] for r in rows]
+    bad = sample(tmp_path / "nowhere")
+    assert bad.returncode == 2 and "no checkpoint at" in bad.stderr
+
+
+def test_kernel_choice_logged_and_tracked(straight):
+    run = mlflow_client(straight).get_run(json.loads((straight / "summary.json").read_text())["mlflow_run_id"])
+    for name in ("mamba_ssm", "causal_conv1d", "flash_attn"):
+        assert run.data.params[f"kernels.{name}"].startswith("inactive: tensors on cpu"), run.data.params
+    assert "kernel mamba_ssm: inactive" in (straight.parent / "rank0.log").read_text()

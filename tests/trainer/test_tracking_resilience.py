@@ -1,0 +1,104 @@
+"""Tracking never stops training (pretrain/tracking.py): a store that cannot be reached, a store
+that locks up mid-run, and two runs writing one SQLite store at once. Real stores, real runs
+(plain engine, one process each)."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer_harness import PY, Ranks, base_env, run_ranks, train_argv
+
+pytestmark = pytest.mark.slow
+
+STEPS = 16
+
+
+def args(run_dir: Path, shards: dict, uri: str, *extra: str) -> list[str]:
+    return [f"run_dir={run_dir}", f"data.train_index=[{shards['train']}]", f"train.steps={STEPS}",
+            "train.engine=plain", "train.log_every=4", f"tracking.uri={uri}", "tracking.flush_every=1",
+            "tracking.experiment=resilience", *extra]
+
+
+def steps_of(uri: str, run_id: str, metric: str = "train/loss") -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, metric))
+
+
+def replay(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "pretrain.tracking", "replay", str(run_dir), *extra], cwd=run_dir.parent,
+                          env=base_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_unreachable_server_run_completes_and_replays(tmp_path, demo_shards):
+    run_dir = tmp_path / "run"
+    env = base_env({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"})
+    codes, out = run_ranks(train_argv(*args(run_dir, demo_shards, "http://127.0.0.1:9")), 1, tmp_path,
+                           env=env, log_dir=tmp_path, timeout=240)
+    assert codes == [0]
+    assert "cannot open MLflow store http://127.0.0.1:9" in out and "pretrain.tracking replay" in out
+    assert (run_dir / "unsent_metrics.jsonl").is_file()
+    store = f"sqlite:///{tmp_path / 'later.db'}"
+    res = replay(run_dir, "--tracking-uri", store)
+    assert res.returncode == 0, res.stderr
+    run_id = res.stdout.split("MLflow run ")[1].split()[0]
+    assert steps_of(store, run_id) == list(range(1, STEPS + 1))
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=store).get_run(run_id)
+    assert run.data.params["config.train.steps"] == str(STEPS) and run.info.status == "FINISHED"
+    assert replay(run_dir).returncode == 2, "a replayed file is not sent twice"
+
+
+def test_store_locked_mid_run_completes_then_replays(tmp_path, demo_shards):
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    run_dir = tmp_path / "run"
+    ranks = Ranks(train_argv(*args(run_dir, demo_shards, uri, "tracking.max_failures=2", "train.steps=40")), 1,
+                  tmp_path, log_dir=tmp_path)
+    lock = None
+    try:
+        deadline = time.time() + 180
+        log = run_dir / "train_log.jsonl"
+        while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 4):
+            assert ranks.procs[0].poll() is None, ranks.output()
+            time.sleep(0.2)
+        lock = sqlite3.connect(db, timeout=60, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")  # every write of the run now fails with "database is locked"
+        assert ranks.wait(400) == [0], ranks.output()
+    finally:
+        if lock is not None:
+            lock.execute("ROLLBACK")
+            lock.close()
+        ranks.kill()
+    out = ranks.output(20000)
+    assert "sending metrics" in out and "tracking is offline" in out, out[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    res = replay(run_dir)
+    assert res.returncode == 0, res.stderr
+    assert steps_of(uri, summary["mlflow_run_id"]) == list(range(1, 41)), "every step exactly once"
+
+
+def test_two_runs_share_one_sqlite_store(tmp_path, demo_shards):
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        runs.append(Ranks(train_argv(*args(tmp_path / name / "run", demo_shards, uri, f"tracking.run_name={name}")),
+                          1, tmp_path / name, log_dir=tmp_path / name))
+    try:
+        for r in runs:
+            assert r.wait(300) == [0], r.output()
+    finally:
+        for r in runs:
+            r.kill()
+    for name in ("a", "b"):
+        summary = json.loads((tmp_path / name / "run" / "summary.json").read_text())
+        assert steps_of(uri, summary["mlflow_run_id"]) == list(range(1, STEPS + 1))
+        assert not (tmp_path / name / "run" / "unsent_metrics.jsonl").exists()
