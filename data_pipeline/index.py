@@ -57,11 +57,17 @@ def load_index(path: str) -> tuple[dict, list[ShardInfo]]:
     return meta, shards
 
 
-def load_indexes(paths: list[str]) -> list[ShardInfo]:
-    """All shards of several indexes, concatenated in the given order (shard ids index this list)."""
+def load_indexes(paths: list[str], allow_pipe_urls: bool = False) -> list[ShardInfo]:
+    """All shards of several indexes, concatenated in the given order (shard ids index this list).
+    A `pipe:` shard URL is a shell command every rank runs: refused unless `allow_pipe_urls`."""
     out: list[ShardInfo] = []
     for p in paths:
-        out.extend(load_index(p)[1])
+        shards = load_index(p)[1]
+        piped = [s.name for s in shards if s.url.startswith("pipe:")]
+        if piped and not allow_pipe_urls:
+            raise DataError(f"{p} lists shard {piped[0]!r}: a pipe: URL runs a shell command on every rank. Set "
+                            f"data.allow_pipe_urls=true if you trust this index", shard=p)
+        out.extend(shards)
     if not out:
         raise DataError(f"no shards listed in {paths}")
     return out

@@ -80,7 +80,8 @@ class BalancedStepLoader:
                  dp_rank: int = 0, dp_world: int = 1, num_workers: int = 0, seed: int = 0,
                  cost_model=None, on_error: str = "skip", round_to: int = 1,
                  epochs: int | None = None, group=None, lookahead: float = 0.25,
-                 restart_split_docs: bool = False, prefetch: int = 8, shared_memory: bool = True):
+                 restart_split_docs: bool = False, prefetch: int = 8, shared_memory: bool = True,
+                 allow_pipe_urls: bool = False):
         if on_error not in ("skip", "fail"):
             raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
         if round_to < 1 or micro_batch_bytes % round_to:
@@ -91,7 +92,7 @@ class BalancedStepLoader:
             raise ValueError(f"dp_rank {dp_rank} outside dp_world {dp_world}")
         if epochs is not None and epochs < 1:
             raise ValueError("epochs must be None (infinite) or >= 1")
-        self.shards = load_indexes(list(index_paths))
+        self.shards = load_indexes(list(index_paths), allow_pipe_urls)
         self.capacity = micro_batch_bytes
         self.step_bytes = step_bytes
         self.rank, self.world = dp_rank, dp_world

@@ -73,7 +73,8 @@ def build_executor(cfg, info, model_cfg, ds_config: dict | None):
     if ds_config is None:
         model.to(device)
         opt, group_mults = build_optimizer(model, cfg, mults)
-        return PlainStep(model, opt, model_cfg.num_stages, cfg.optim.grad_clip, device), group_mults, mults
+        autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
+        return PlainStep(model, opt, model_cfg.num_stages, cfg.optim.grad_clip, device, autocast), group_mults, mults
     engine, group_mults = build_engine(model, cfg, ds_config, mults)
     return ZeroStep(engine, model_cfg.num_stages, info.rank, info.world_size), group_mults, mults
 

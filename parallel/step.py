@@ -286,12 +286,15 @@ class PlainStep(StepExecutor):
     PLAIN_FILE = "plain_states.pt"
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, n_stages: int,
-                 grad_clip: float, device: torch.device | str = "cpu"):
+                 grad_clip: float, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None):
         self.model = model
         self.optimizer = optimizer
         self.n_stages = n_stages
         self.grad_clip = grad_clip
         self.device = torch.device(device)
+        # train.precision=bf16: the forward under torch autocast, parameters and optimizer in fp32,
+        # the same mixed precision as the DeepSpeed executor's torch_autocast
+        self.autocast_dtype = autocast_dtype
 
     @property
     def module(self):
@@ -302,7 +305,9 @@ class PlainStep(StepExecutor):
         return self.optimizer.param_groups
 
     def _forward(self, ids, cu, labels, n_real=None):
-        return self.model(ids, cu_seqlens=cu, labels=labels, n_real=n_real)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            return self.model(ids, cu_seqlens=cu, labels=labels, n_real=n_real)
 
     def train_step(self, batch, inject_nan: bool = False) -> StepResult:
         mbs = batch.micro_batches

@@ -162,6 +162,22 @@ class CheckpointManager:
         tag = open(path).read().strip()
         return tag or None
 
+    def changed_settings(self, tag: str, config: dict, prefixes=("train.steps", "optim.", "schedule.")) -> dict:
+        """{key: (checkpoint's value, this run's)} for the settings that move the learning rate or
+        the length of the run (a resumed run may change them on purpose; it must not be silent)."""
+        import yaml
+
+        from pretrain.config import flatten
+
+        path = os.path.join(self.root, tag, "config.yaml")
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            old = flatten(yaml.safe_load(f) or {})
+        new = flatten(config)
+        return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                if k.startswith(prefixes) and old.get(k) != new.get(k)}
+
     def read_meta(self, tag: str) -> dict:
         path = os.path.join(self.root, tag, META)
         if not os.path.isfile(path):

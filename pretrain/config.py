@@ -44,6 +44,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     train_index: list[str] = field(default_factory=list)  # index.json files of training shards
+    allow_pipe_urls: bool = False  # allow `pipe:CMD` shard URLs in the indexes (a shell command on every rank)
     eval_index: list[str] = field(default_factory=list)  # held-out shards ([] = no evaluation)
     micro_batch_bytes: int = 8192  # row budget of one micro-batch
     step_bytes: int = 65536  # real bytes per optimizer step, all ranks together
@@ -162,29 +163,10 @@ class ExperimentConfig:
 
     def model_dict(self) -> dict:
         """The H-Net config as the model's `HNetConfig.from_dict` takes it (public fields + ratio fields)."""
+        from pretrain.model.config import model_section_dict
+
         m = self.model
-        base: dict[str, Any] = {}
-        if m.config_path:
-            path = Path(m.config_path)
-            if not path.is_absolute() and not path.exists():
-                path = Path(__file__).resolve().parents[1] / path  # repository-relative
-            if not path.is_file():
-                raise ConfigError(f"model.config_path: no such file {m.config_path!r}")
-            base = json.loads(path.read_text())
-        for name in ("arch_layout", "d_model", "d_intermediate", "vocab_size", "ssm_cfg", "attn_cfg",
-                     "tie_embeddings", "ratio_targets"):
-            value = getattr(m, name)
-            if value is None:
-                continue
-            if isinstance(value, dict) and isinstance(base.get(name), dict):
-                merged = dict(base[name])
-                merged.update(value)
-                value = merged
-            base[name] = copy.deepcopy(value)
-        base["ratio_alpha"] = m.ratio_alpha
-        if "arch_layout" not in base:
-            raise ConfigError("model: give model.config_path (a public JSON) or inline model.arch_layout etc.")
-        return base
+        return model_section_dict({name: getattr(m, name) for name in MODEL_SECTION_FIELDS})
 
     def checkpoint_dir(self) -> str:
         return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
@@ -213,6 +195,7 @@ class ExperimentConfig:
             for path in getattr(self.data, key):
                 if not Path(path).is_file():
                     raise ConfigError(f"data.{key}: no such shard index {path!r}")
+                _check_index(key, path, self.data.allow_pipe_urls)
         _one_of("parallel.schedule", self.parallel.schedule, ("v", "1f1b", "gpipe"))
         if not 0 < self.train.lease_heartbeat_s * 2 < self.train.lease_stale_s:
             raise ConfigError(f"train.lease_stale_s={self.train.lease_stale_s:g} must exceed twice "
@@ -235,6 +218,20 @@ class ExperimentConfig:
     def hash(self) -> str:
         """Stable hash of the resolved config (the model part decides checkpoint compatibility)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+MODEL_SECTION_FIELDS = ("config_path", "arch_layout", "d_model", "d_intermediate", "vocab_size", "ssm_cfg", "attn_cfg",
+                        "tie_embeddings", "ratio_targets", "ratio_alpha")
+
+
+def _check_index(key: str, path: str, allow_pipe_urls: bool) -> None:
+    """A readable shard index, without pipe: URLs unless they are allowed: refused at start."""
+    from data_pipeline.index import DataError, load_indexes
+
+    try:
+        load_indexes([path], allow_pipe_urls)
+    except DataError as e:
+        raise ConfigError(f"data.{key}: {e}") from None
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:

@@ -29,7 +29,8 @@ def build_loader(cfg, model_cfg, dp_rank: int, dp_world: int, eval_split: bool =
         dp_rank=dp_rank, dp_world=dp_world,
         num_workers=0 if eval_split else d.num_workers,
         seed=d.seed, cost_model=cost_model(cfg, model_cfg),
-        on_error=d.on_error, round_to=d.round_to, epochs=1 if eval_split else None, group=group)
+        on_error=d.on_error, round_to=d.round_to, epochs=1 if eval_split else None, group=group,
+        allow_pipe_urls=d.allow_pipe_urls)
 
 
 def feed_compression(loader, model_cfg, bytes_per_chunk: list[float]) -> None:

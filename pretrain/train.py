@@ -62,6 +62,7 @@ class Trainer:
         self.signals.install()
         self.state, self.tracking = TrainState(), TrackingState()
         self.lease, self.lease_how = None, ""  # the run directory's lease, held by global rank 0
+        self.resume_changes: dict = {}  # settings that differ from the checkpoint's (train.steps, optim, schedule)
 
     def log(self, msg: str) -> None:
         if self.info.rank == 0:
@@ -208,6 +209,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         init_process_group(info, use_deepspeed=self.use_ds, timeout_s=cfg.train.collective_timeout_s)
         if cfg.train.deterministic:
+            deterministic_cuda_env(torch.cuda.is_available())
             torch.use_deterministic_algorithms(True)
         self.write_run_files()
         self.executor, self.group_mults, self.level_mults = build_executor(cfg, info, self.model_cfg, self.ds_config)
@@ -260,6 +262,9 @@ class Trainer:
         self.ckpts.restore(load_tag, universal=universal)
         self.log(f"resuming from checkpoint {self.ckpts.root}/{load_tag} at step {self.state.step} "
                  f"({self.state.bytes_seen:,} bytes seen; written by {meta['world_size']} ranks, now {info.world_size})")
+        self.resume_changes = self.ckpts.changed_settings(self.resume_tag, self.cfg.to_dict())
+        for key, (old, new) in self.resume_changes.items():
+            self.log(f"resumed with a changed setting: {key} {old!r} -> {new!r} (the schedule follows the new value)")
 
     def start_tracking(self) -> None:
         """The MLflow run (rank 0; the same run as before a resume) and the metric reporter."""
@@ -275,6 +280,9 @@ class Trainer:
         self.tracker = open_tracking(cfg, info.rank, self.tracking.run_id,
                                      self.state.step if self.resume_tag else None, params, artifacts, self.log)
         self.tracking.run_id = broadcast_object(self.tracker.run_id)  # the same client state on every rank
+        if self.resume_changes:
+            self.tracker.set_tags({f"resume_step_{self.state.step}.changed.{k}": f"{o!r} -> {n!r}"
+                                   for k, (o, n) in self.resume_changes.items()})
         if self.lease_how.startswith(("taken over", "taken back")):
             self.tracker.set_tags({f"lease.taken_at_step_{self.state.step}": self.lease_how})
         if metrics.peak:
@@ -370,6 +378,14 @@ class Trainer:
             self.loader.close()
         barrier()
         return status
+
+
+def deterministic_cuda_env(cuda: bool, env=os.environ) -> None:
+    """cuBLAS is deterministic only with a fixed workspace (PyTorch's reproducibility notes):
+    without CUBLAS_WORKSPACE_CONFIG, torch.use_deterministic_algorithms makes the first CUDA
+    matmul raise. Set before cuBLAS starts (a value the user set is kept)."""
+    if cuda:
+        env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def train(cfg: ExperimentConfig) -> str:

@@ -138,6 +138,48 @@ def throughput(torch, device, report):
     report["throughput_bf16_fwd_bwd"] = out
 
 
+def check_attention(torch, device, report):
+    """torch's varlen_attn and flash-attn (where installed) against the masked SDPA path on packed
+    documents with a sliding window shorter than the documents: forward and gradients, bf16."""
+    from pretrain.model.attention import sdpa_packed
+    from pretrain.model.sequence import PackedSeqs
+
+    out, ok = {}, True
+    lengths, window, h, d = [700, 1, 1500, 300], 255, 8, 64
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
+    seqs = PackedSeqs.from_cu_seqlens(cu)
+    T = int(cu[-1])
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(T, h, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    ref = sdpa_packed(q.float(), k.float(), v.float(), seqs, window)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    impls = {}
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        impls["torch_varlen_attn"] = lambda: varlen_attn(q, k, v, cu, cu, seqs.max_seqlen, seqs.max_seqlen,
+                                                         window_size=(window, 0))
+    except Exception as e:  # noqa: BLE001
+        out["torch_varlen_attn"] = {"skipped": repr(e)}
+    try:
+        from flash_attn import flash_attn_varlen_qkvpacked_func as fa
+
+        impls["flash_attn"] = lambda: fa(torch.stack([q, k, v], 1), cu, seqs.max_seqlen, causal=True,
+                                         window_size=(window, -1))
+    except Exception as e:  # noqa: BLE001
+        out["flash_attn"] = {"skipped": repr(e)}
+    for name, fn in impls.items():
+        y = fn()
+        grads = torch.autograd.grad(y, (q, k, v), g.to(y.dtype))
+        errs = {"fwd": rel_err(y, ref), **{f"d{n}": rel_err(a, b) for n, a, b in zip("qkv", grads, ref_grads)}}
+        passed = all(e < 3e-2 for e in errs.values())
+        ok &= passed
+        out[name] = {**errs, "ok": passed}
+    report["attention_vs_sdpa_bf16_window255"] = out
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_check.json")
@@ -150,9 +192,10 @@ def main():
 
     device = "cuda"
     report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0),
-              "fused_available": kernels.available()}
+              "fused_available": kernels.available(), "kernels": kernels.status("cuda")}
     ok = check_ssd(torch, device, report)
     ok &= check_model(torch, device, report)
+    ok &= check_attention(torch, device, report)
     try:
         throughput(torch, device, report)
     except Exception as e:  # noqa: BLE001 - a throughput failure must not hide the equivalence results

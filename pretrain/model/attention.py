@@ -89,9 +89,12 @@ class CausalMHA(nn.Module):
             cos, sin = rotary_cos_sin(seqs.position_ids, self.rotary_emb_dim, self.rotary_base)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         flash = kernels.flash_varlen_attention(q)  # q's dtype: bf16 under autocast even for an fp32 input
+        varlen = None if flash is not None else kernels.torch_varlen_attention(q)
         if flash is not None:
             out = flash(torch.stack([q, k, v], dim=1), seqs.cu_seqlens, seqs.max_seqlen, causal=True,
                         window_size=(self.window_size, -1))
+        elif varlen is not None:
+            out = varlen(q, k, v, seqs.cu_seqlens, seqs.max_seqlen, self.window_size)
         else:
             out = sdpa_packed(q, k, v, seqs, self.window_size)
         return self.out_proj(out.reshape(1, T, self.d_model))

@@ -222,3 +222,35 @@ def _build(cls, d: dict, where: str):
         return cls(**d)
     except TypeError as e:  # a missing required field
         raise ConfigError(f"{where}: {e}") from e
+
+
+def model_section_dict(section: dict[str, Any]) -> dict[str, Any]:
+    """The `model:` section of an experiment YAML -> what `HNetConfig.from_dict` takes: the
+    public JSON named by `config_path` (absolute, relative to the working directory or to the
+    repository) with the section's other keys laid over it (dicts merged key by key)."""
+    import copy
+
+    base: dict[str, Any] = {}
+    config_path = section.get("config_path")
+    if config_path:
+        path = Path(config_path)
+        if not path.is_absolute() and not path.exists():
+            path = Path(__file__).resolve().parents[2] / path  # repository-relative
+        if not path.is_file():
+            raise ConfigError(f"model.config_path: no such file {config_path!r}")
+        base = json.loads(path.read_text())
+    for name in ("arch_layout", "d_model", "d_intermediate", "vocab_size", "ssm_cfg", "attn_cfg", "tie_embeddings",
+                 "ratio_targets"):
+        value = section.get(name)
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(base.get(name), dict):
+            merged = dict(base[name])
+            merged.update(value)
+            value = merged
+        base[name] = copy.deepcopy(value)
+    if "ratio_alpha" in section and section["ratio_alpha"] is not None:
+        base["ratio_alpha"] = section["ratio_alpha"]
+    if "arch_layout" not in base:
+        raise ConfigError("model: give model.config_path (a public JSON) or inline model.arch_layout etc.")
+    return base

@@ -19,7 +19,8 @@ _IMPORT_ERRORS: dict[str, str] = {}
 # What each fused package accelerates, and the module that must import for it.
 FUSED = {"mamba_ssm": ("the Mamba-2 chunked scan", "mamba_ssm.ops.triton.ssd_combined"),
          "causal_conv1d": ("the Mamba-2 causal convolution", "causal_conv1d"),
-         "flash_attn": ("varlen attention (bf16/fp16)", "flash_attn")}
+         "flash_attn": ("varlen attention (bf16/fp16)", "flash_attn"),
+         "torch_varlen_attn": ("varlen attention without flash-attn (bf16/fp16)", "torch.nn.attention.varlen")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,6 +60,28 @@ def flash_varlen_attention(t: torch.Tensor):
     return getattr(mod, "flash_attn_varlen_qkvpacked_func", None) if mod else None
 
 
+def torch_varlen_attention(t: torch.Tensor):
+    """FlashAttention inside torch (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10, CUDA
+    only) for when flash-attn is not installed: a callable (q, k, v, cu_seqlens, max_seqlen,
+    window) -> out on (T, H, Dh) tensors, or None. Causal attention is its window (left, 0): a
+    query at i sees keys i - left .. i, as flash-attn's window_size=(left, -1) with causal=True
+    (left -1: no limit), the model's sliding-window convention."""
+    if not _fused_allowed(t) or t.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if flash_varlen_attention(t) is not None:
+        return None  # flash-attn first where it is installed
+    mod = _module("torch.nn.attention.varlen")
+    fn = getattr(mod, "varlen_attn", None) if mod else None
+    if fn is None:
+        return None
+
+    def attend(q, k, v, cu_seqlens, max_seqlen: int, window: int):
+        cu = cu_seqlens.to(torch.int32)
+        return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, window_size=(window if window >= 0 else -1, 0))
+
+    return attend
+
+
 def pure_ssd_chunk_size(t: torch.Tensor, configured: int) -> int:
     """Chunk length for the pure-PyTorch SSD scan. The result does not depend on it (it only
     regroups the same sums); on CPU, 64 is about 2x faster than the fused kernels' 256 at
@@ -93,7 +116,10 @@ def check_required(device_type: str, require: bool) -> None:
     its import error (a silent fall-back to the pure path would be several times slower)."""
     if device_type != "cuda" or not require or os.environ.get("HNET_DISABLE_FUSED", "0") == "1":
         return
-    missing = {k: v for k, v in status(device_type).items() if v != "active"}
+    st = status(device_type)
+    if st.get("flash_attn") == "active" or st.get("torch_varlen_attn") == "active":
+        st.pop("flash_attn"), st.pop("torch_varlen_attn")  # one fast attention is enough
+    missing = {k: v for k, v in st.items() if v != "active"}
     if missing:
         lines = "; ".join(f"{k} ({FUSED[k][0]}): {v[len('inactive: '):]}" for k, v in missing.items())
         raise RuntimeError(f"fused kernels missing on CUDA: {lines}. Install them with pip install -e '.[cuda]', "

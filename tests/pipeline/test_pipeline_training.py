@@ -153,3 +153,33 @@ def test_sample_from_a_pipelined_checkpoint(straight, tmp_path):
 
     exported(straight, tmp_path / "export")
     assert sample(straight, tmp_path / "a.jsonl") == sample(tmp_path / "export" / "model.pt", tmp_path / "b.jsonl")
+
+
+def test_signal_to_a_deep_rank_checkpoints_every_stage(tmp_path, pipe_shards):
+    """SIGUSR1 to one rank of the last pipeline stage: all four ranks save the same step (both
+    stages' shards) and leave "preempted"; a restart resumes from it."""
+    import json
+    import os
+    import signal
+
+    run_dir = tmp_path / "run"
+    argv = train_argv(*[a for a in common(run_dir, pipe_shards) if not a.startswith(("train.steps", "checkpoint."))],
+                      "train.steps=500", "checkpoint.every=0", "tracking.enabled=false")
+    ranks = Ranks(argv, WORLD, tmp_path, log_dir=tmp_path)
+    try:
+        deadline = time.time() + 240
+        log = run_dir / "train_log.jsonl"
+        while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+            assert all(p.poll() is None for p in ranks.procs), ranks.output()
+            time.sleep(0.3)
+        os.kill(ranks.procs[3].pid, signal.SIGUSR1)  # stage 1, replica 1
+        codes = ranks.wait(180)
+    finally:
+        ranks.kill()
+    assert codes == [0] * WORLD, ranks.output()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["step"] < 500
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert tag == f"step{summary['step']:08d}"
+    for stage in (0, 1):
+        assert (run_dir / "checkpoints" / tag / f"pipe{stage}").is_dir()

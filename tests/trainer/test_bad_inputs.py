@@ -64,3 +64,28 @@ def test_consecutive_non_finite_steps_stop_with_step_and_keys(tmp_path, demo_sha
     expect_failure(res, "stopping at step 3", "2 consecutive steps", "shard-")
     log = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
     assert len(log) == 3 and '"skipped": true' in log[1]
+
+
+def _piped_index(tmp_path: Path, demo_shards) -> Path:
+    index = json.loads(Path(demo_shards["train"]).read_text())
+    base = Path(demo_shards["train"]).parent
+    for s in index["shards"]:
+        s["path"] = f"pipe:cat {base / s['path']}"
+    out = tmp_path / "piped" / "index.json"
+    out.parent.mkdir()
+    out.write_text(json.dumps(index))
+    return out
+
+
+def test_pipe_urls_need_an_explicit_opt_in(tmp_path, demo_shards):
+    piped = _piped_index(tmp_path, demo_shards)
+    res = run_cli(tmp_path, f"data.train_index=[{piped}]", "train.engine=plain", "train.steps=2")
+    expect_failure(res, "data.train_index", "pipe:cat", "data.allow_pipe_urls=true")
+
+
+@pytest.mark.slow
+def test_pipe_urls_allowed_train(tmp_path, demo_shards):
+    piped = _piped_index(tmp_path, demo_shards)
+    res = run_cli(tmp_path, f"data.train_index=[{piped}]", "data.allow_pipe_urls=true", "train.engine=plain",
+                  "train.steps=2", "tracking.enabled=false")
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -76,3 +76,24 @@ def test_bf16_zero3_trains_and_resumes_exactly(tmp_path, demo_shards):
     again = train_losses(resumed)
     for step in range(5, STEPS + 1):
         assert again[step] == losses[step], f"step {step}: {again[step]!r} vs {losses[step]!r}"
+
+
+def test_plain_engine_bf16_runs_under_autocast():
+    """train.engine=plain with train.precision=bf16 is not silently fp32."""
+    import torch
+
+    from parallel.build import build_executor
+    from parallel.distributed import DistInfo
+    from pretrain.config import load_config
+    from pretrain.model import HNetConfig
+
+    cfg = load_config(str(REPO / "pretrain" / "configs" / "tiny.yaml"), ["train.engine=plain", "train.precision=bf16"],
+                      validate=False)
+    ex, _, _ = build_executor(cfg, DistInfo(0, 1, 0, "single"), HNetConfig.from_dict(cfg.model_dict()), None)
+    seen = []
+    hook = ex.module.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    ids = torch.randint(0, 250, (1, 64))
+    out = ex._forward(ids, torch.tensor([0, 64], dtype=torch.int32), torch.roll(ids, -1, 1))
+    hook.remove()
+    assert seen == [torch.bfloat16] and torch.isfinite(out.loss)
+    assert ex.module.lm_head.weight.dtype == torch.float32  # master weights stay fp32

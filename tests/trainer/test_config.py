@@ -98,3 +98,16 @@ def test_launcher_env_mapping():
 def test_string_fields_take_dates_and_numbers_as_text():
     cfg = load_config(None, ["run_dir=2024-06-01", "tracking.run_name=42"], validate=False)
     assert cfg.run_dir == "2024-06-01" and cfg.tracking.run_name == "42"
+
+
+def test_deterministic_cuda_sets_the_cublas_workspace():
+    from pretrain.train import deterministic_cuda_env
+
+    env = {}
+    deterministic_cuda_env(False, env)
+    assert env == {}
+    deterministic_cuda_env(True, env)
+    assert env == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}
+    deterministic_cuda_env(True, env)
+    assert env["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

@@ -1,0 +1,72 @@
+"""One rank of test_plan.py: what a real DeepSpeed engine holds, counted from its tensors, and
+what its collectives moved in one step (DeepSpeed's comms logger)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "trainer"))
+
+import equiv_worker  # noqa: E402
+
+
+def held(executor, zero: str) -> dict[str, int]:
+    opt = executor.engine.optimizer
+    params = list(executor.module.parameters())
+    moments = sum(t.numel() for st in opt.optimizer.state.values() for k, t in st.items()
+                  if k in ("exp_avg", "exp_avg_sq"))
+    if zero == "zero3":
+        return {"params": sum(p.ds_tensor.numel() + p.data.numel() for p in params),
+                "master": sum(t.numel() for t in opt.fp32_partitioned_groups_flat), "optimizer": moments}
+    return {"params": sum(p.numel() for p in params),
+            "master": sum(t.numel() for t in opt.single_partition_of_fp32_groups), "optimizer": moments}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--zero", required=True)
+    ap.add_argument("--micro-batches", type=int, default=2)
+    a = ap.parse_args()
+
+    from deepspeed import comm
+
+    from parallel.build import build_executor
+    from parallel.distributed import init_process_group, setup_env
+    from parallel.engine import resolve_ds_config
+    from pretrain.config import load_config
+    from pretrain.model import HNetConfig
+
+    over = json.dumps({"comms_logger": {"enabled": True, "prof_all": True, "verbose": False}})
+    cfg = load_config(str(REPO / "pretrain" / "configs" / "small.yaml"),
+                      ["train.engine=deepspeed", f"train.ds_config={REPO / 'ds_configs' / (a.zero + '.json')}",
+                       f"train.ds_overrides={over}"], validate=False)
+    info = setup_env()
+    init_process_group(info, use_deepspeed=True)
+    executor, _, _ = build_executor(cfg, info, HNetConfig.from_dict(cfg.model_dict()), resolve_ds_config(cfg, info.world_size))
+    gen = torch.Generator().manual_seed(0)
+    for k in range(2):
+        mbs = [equiv_worker.make_micro_batch(gen, [512, 512], f"m{i}") for i in range(a.micro_batches * info.world_size)]
+        step = equiv_worker.Step(mbs[info.rank::info.world_size], global_targets=sum(x.n_targets for x in mbs),
+                                 global_bytes=sum(x.n_bytes for x in mbs))
+        comm.comms_logger.comms_dict.clear()
+        executor.train_step(step)
+    moved = {}
+    for op, sizes in comm.comms_logger.comms_dict.items():
+        key = "all_gather" if "gather" in op else "reduce_scatter" if ("reduce_scatter" in op or op == "reduce") else \
+            "all_reduce" if "all_reduce" in op else op
+        moved[key] = moved.get(key, 0) + sum(size * v[0] for size, v in sizes.items())
+    counts = held(executor, a.zero)
+    if info.rank == 0:
+        Path(a.out).write_text(json.dumps({"held": counts, "moved": moved, "world": info.world_size}))
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""A resumed run whose length, optimizer or schedule settings changed says so: in the log and
+as MLflow tags of the run it continues (the learning rate must not move silently)."""
+from __future__ import annotations
+
+import pytest
+
+from trainer_harness import run_ranks, train_argv
+
+pytestmark = pytest.mark.slow
+
+
+def test_changed_settings_logged_and_tagged(tmp_path, demo_shards):
+    from mlflow.tracking import MlflowClient
+
+    run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
+    base = [f"run_dir={run_dir}", f"data.train_index=[{demo_shards['train']}]", "train.engine=plain",
+            f"tracking.uri=sqlite:///{db}", "tracking.experiment=changes"]
+    run_ranks(train_argv(*base, "train.steps=4"), 1, tmp_path, log_dir=tmp_path, timeout=240)
+    (tmp_path / "second").mkdir()
+    _, out = run_ranks(train_argv(*base, "train.steps=6", "optim.lr=0.001", "data.num_workers=0"), 1, tmp_path,
+                       log_dir=tmp_path / "second", timeout=240)
+    assert "resumed with a changed setting: train.steps 4 -> 6" in out, out
+    assert "optim.lr 0.003 -> 0.001" in out, out
+    assert "data.num_workers" not in out.split("changed setting")[-1].split("\n")[0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("changes").experiment_id])
+    assert run.data.tags["resume_step_4.changed.optim.lr"] == "0.003 -> 0.001"
+    assert run.data.tags["resume_step_4.changed.train.steps"] == "4 -> 6"
