@@ -188,8 +188,12 @@ def test_pipe_url_shards(shard_set, tmp_path):
     for e in meta["shards"]:
         e["path"] = f"pipe:cat {os.path.join(base, e['path'])}"
     (tmp_path / "index.json").write_text(json.dumps(meta))
-    got = reassemble(_mbs(_collect(BalancedStepLoader([str(tmp_path / "index.json")], C, STEP, epochs=1))))
+    got = reassemble(_mbs(_collect(BalancedStepLoader([str(tmp_path / "index.json")], C, STEP, epochs=1,
+                                                      allow_pipe_urls=True))))
     assert sorted(got.values()) == sorted(expected.values())
+    # without the opt-in a pipe: URL (a shell command) is refused, naming the shard
+    with pytest.raises(DataError, match="pipe:cat .*allow_pipe_urls"):
+        BalancedStepLoader([str(tmp_path / "index.json")], C, STEP, epochs=1)
 
 
 def test_worker_transports_give_the_same_stream(tmp_path):
