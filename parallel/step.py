@@ -212,15 +212,8 @@ class StepExecutor:
         raise NotImplementedError
 
 
-class ZeroStep(StepExecutor):
-    """One DeepSpeed engine over all data-parallel ranks."""
-
-    def __init__(self, engine, n_stages: int, dp_rank: int, dp_world: int):
-        self.engine = engine
-        self.n_stages = n_stages
-        self.dp_rank = dp_rank
-        self.dp_world = dp_world
-        self.device = engine.device
+class EngineExecutor(StepExecutor):
+    """An executor that drives one DeepSpeed engine (`self.engine`)."""
 
     @property
     def module(self):
@@ -229,6 +222,17 @@ class ZeroStep(StepExecutor):
     @property
     def param_groups(self):
         return self.engine.optimizer.param_groups
+
+
+class ZeroStep(EngineExecutor):
+    """One DeepSpeed engine over all data-parallel ranks."""
+
+    def __init__(self, engine, n_stages: int, dp_rank: int, dp_world: int):
+        self.engine = engine
+        self.n_stages = n_stages
+        self.dp_rank = dp_rank
+        self.dp_world = dp_world
+        self.device = engine.device
 
     def _forward(self, ids, cu, labels, n_real=None):
         return self.engine(ids, cu_seqlens=cu, labels=labels, n_real=n_real)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import html
 import string
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -58,24 +57,17 @@ def surprisal(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([ce.new_full((1,), float("nan")), ce[:-1]])
 
 
-@dataclass
 class BoundarySums:
-    n_stages: int
-    boundaries: list = field(default_factory=list)
-    after_sep: list = field(default_factory=list)
-    positions: list = field(default_factory=list)
-    positions_after_sep: list = field(default_factory=list)
-    surprisal_at_boundaries: list = field(default_factory=list)
-    n_surprisal_at_boundaries: list = field(default_factory=list)
-    surprisal_all: list = field(default_factory=list)
-    n_surprisal_all: list = field(default_factory=list)
-
-    def __post_init__(self):
-        for name in self.FIELDS:
-            setattr(self, name, [0.0] * self.n_stages)
+    """Per stage, additive sums over rows (see the module docstring); `vector` / `from_vector`
+    flatten them for one all-reduce."""
 
     FIELDS = ("boundaries", "after_sep", "positions", "positions_after_sep", "surprisal_at_boundaries",
               "n_surprisal_at_boundaries", "surprisal_all", "n_surprisal_all")
+
+    def __init__(self, n_stages: int):
+        self.n_stages = n_stages
+        for name in self.FIELDS:
+            setattr(self, name, [0.0] * n_stages)
 
     def add(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
             masks: list[torch.Tensor], probs: list[torch.Tensor]) -> None:

@@ -7,7 +7,6 @@ evaluation and tracking. An unknown key or a value of the wrong type stops with 
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
 import hashlib

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.distributed import all_reduce_sum
-from parallel.step import StepExecutor, _Accumulator, _n_real, _scalar, _to
+from parallel.step import EngineExecutor, _Accumulator, _n_real, _scalar, _to
 from pretrain.model.dynamic_chunking import RoutingOutput
 from pretrain.model.hnet import (LevelContext, check_inputs, next_byte_loss, stage_statistics,
                                  weighted_ratio_loss)
@@ -74,7 +74,7 @@ def detached_context(ctx: LevelContext) -> tuple[LevelContext, list[tuple[torch.
     return ctx._replace(residual=leaf(ctx.residual), routing=routing), pairs
 
 
-class PipelineStep(StepExecutor):
+class PipelineStep(EngineExecutor):
     zero3_accumulate_fix = True  # see the module docstring (off only to show the trap in a test)
 
     def __init__(self, engine, stage_module, grid, schedule: str = "v", micro_batches_in_flight: int = 0):
@@ -89,14 +89,6 @@ class PipelineStep(StepExecutor):
         self.schedule, self.in_flight = schedule, micro_batches_in_flight
         self.first_level = stage_module.first_level
         self._orders: dict = {}
-
-    @property
-    def module(self):
-        return self.engine.module
-
-    @property
-    def param_groups(self):
-        return self.engine.optimizer.param_groups
 
     # ------------------------------------------------------------------ data
     def batches(self, loader):

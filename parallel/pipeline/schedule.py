@@ -33,7 +33,6 @@ costs (`simulate` checks this for any costs).
 """
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 
 SCHEDULES = ("v", "1f1b", "gpipe")
@@ -92,7 +91,7 @@ def dependencies(rank: int, op: Op, p: int) -> list[tuple[int, Op]]:
 
 def messages_sent(rank: int, op: Op, p: int) -> list[Message]:
     """What `op` on `rank` sends when it finishes."""
-    i, last = op.mb, p - 1
+    i = op.mb
     if op.kind == "F":
         if op.piece == "down":
             return [Message(rank, rank + 1, "act_down", i)]

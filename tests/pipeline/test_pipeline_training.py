@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_harness import PY, Ranks, base_env, read_log, run_ranks, train_argv, train_losses
+from trainer_harness import PY, Ranks, base_env, kill_when_hanging, read_log, run_ranks, train_argv, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -54,17 +54,8 @@ def interrupted(tmp_path_factory, pipe_shards) -> Path:
     logs1 = base / "launch1"
     logs1.mkdir()
     ranks = Ranks(train_argv(*common(run_dir, pipe_shards, "debug.hang_at_step=4")), WORLD, base, log_dir=logs1)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if latest.is_file() and latest.read_text().strip() == "step00000004" and \
-                "hanging after step 4" in (logs1 / "rank0.log").read_text(errors="replace"):
-            break
-        if any(p.poll() is not None for p in ranks.procs):
-            break
-        time.sleep(0.5)
-    alive = [p.poll() is None for p in ranks.procs]
-    ranks.kill()
-    assert all(alive), f"a rank ended before it could be killed:\n{ranks.output()}"
+    kill_when_hanging(ranks, 4)
+    assert latest.read_text().strip() == "step00000004"
     logs2 = base / "launch2"
     logs2.mkdir()
     run_ranks(train_argv(*common(run_dir, pipe_shards)), WORLD, base, log_dir=logs2, timeout=400)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import math
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from trainer_harness import PY, REPO, Ranks, base_env, free_port, run_ranks, train_argv, train_losses
+from trainer_harness import PY, REPO, Ranks, base_env, free_port, kill_when_hanging, run_ranks, train_argv, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -62,13 +61,7 @@ def test_bf16_zero3_trains_and_resumes_exactly(tmp_path, demo_shards):
     logs = tmp_path / "kill"
     logs.mkdir()
     ranks = Ranks(train_argv(*args(resumed, demo_shards, "debug.hang_at_step=6")), 2, tmp_path, log_dir=logs)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and "hanging after step 6" not in (logs / "rank0.log").read_text(errors="replace"):
-            assert all(p.poll() is None for p in ranks.procs), ranks.output()
-            time.sleep(0.3)
-    finally:
-        ranks.kill()
+    kill_when_hanging(ranks, 6)
     logs2 = tmp_path / "resume"
     logs2.mkdir()
     run_ranks(train_argv(*args(resumed, demo_shards)), 2, tmp_path, log_dir=logs2, timeout=300)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from trainer_harness import PY, Ranks, base_env, read_log, run_ranks, train_argv
+from trainer_harness import PY, Ranks, base_env, kill_when_hanging, read_log, run_ranks, train_argv
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +35,7 @@ def store(tmp_path_factory, demo_shards) -> dict:
     logs.mkdir()
     ranks = Ranks(train_argv(*args(resumed, demo_shards, db, "tracking.run_name=resumed", "train.seed=1",
                                    "debug.hang_at_step=6")), 1, base, log_dir=logs)
-    deadline = time.time() + 240
-    while time.time() < deadline and "hanging after step 6" not in (logs / "rank0.log").read_text(errors="replace"):
-        assert ranks.procs[0].poll() is None, ranks.output()
-        time.sleep(0.3)
-    ranks.kill()
+    kill_when_hanging(ranks, 6)
     logs2 = base / "resume_logs"
     logs2.mkdir()
     run_ranks(train_argv(*args(resumed, demo_shards, db, "tracking.run_name=resumed", "train.seed=1")), 1, base,

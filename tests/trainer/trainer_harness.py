@@ -92,6 +92,21 @@ class Ranks:
         return "\n".join(out)
 
 
+def kill_when_hanging(ranks: "Ranks", step: int, timeout: float = 300) -> None:
+    """Waits until rank 0 logs that it hangs after `step` (debug.hang_at_step: its checkpoint, if
+    any, is written), then SIGKILLs every rank; fails if a rank ended before that."""
+    log = ranks.log_dir / "rank0.log"
+    deadline = time.time() + timeout
+    while time.time() < deadline and f"hanging after step {step}" not in log.read_text(errors="replace"):
+        if any(p.poll() is not None for p in ranks.procs):
+            break
+        time.sleep(0.3)
+    alive = [p.poll() is None for p in ranks.procs]
+    hung = f"hanging after step {step}" in log.read_text(errors="replace")
+    ranks.kill()
+    assert all(alive) and hung, f"the ranks did not reach the hang after step {step}:\n{ranks.output()}"
+
+
 def run_ranks(argv: list[str], world: int, cwd, env: dict | None = None, log_dir=".", timeout: float = 240,
               expect_ok: bool = True) -> tuple[list[int], str]:
     ranks = Ranks(argv, world, cwd, env, log_dir)
