@@ -210,8 +210,7 @@ def evaluate(model_cfg, cluster: Cluster, global_batch_bytes: int, micro_batch_b
     if zero == "zero3_offload":
         comm_s += 2 * sum(stage_numels) * 4 / (25e9)  # parameters and gradients over PCIe once a step
     step_flops = flops_per_byte(model_cfg) * global_batch_bytes
-    compute_s = step_flops * share / (dp * cluster.peak_tflops * 1e12 * efficiency) if pp > 1 else \
-        step_flops / (cluster.world * cluster.peak_tflops * 1e12 * efficiency)
+    compute_s = step_flops * share / (dp * cluster.peak_tflops * 1e12 * efficiency)  # pp 1: share 1, dp = world
     bubble = (2 * (pp - 1) / (3 * m)) / (1 + 2 * (pp - 1) / (3 * m)) if pp > 1 else 0.0
     step_s = compute_s / (1 - bubble) + comm_s * (0.3 if zero == "zero3" else 1.0)  # ZeRO-3 overlaps most gathers
     return Layout(zero, pp, dp, m, checkpointing, memory / 1e9, state / 1e9, acts * in_flight / 1e9, comm / 1e9,

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 SEPARATORS = frozenset((string.whitespace + string.punctuation).encode())
+_SEPARATOR_TABLE = torch.tensor([b in SEPARATORS for b in range(256)])  # byte -> is whitespace/punctuation
 STAGE_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
 
 
@@ -80,7 +81,7 @@ class BoundarySums:
         starts[cu[:-1][cu[:-1] < n]] = True
         counted = ~starts
         prev = torch.cat([ids.new_zeros(1), ids[:-1]])
-        sep = torch.tensor([b in SEPARATORS for b in range(256)], device=ids.device)[prev] & counted
+        sep = _SEPARATOR_TABLE.to(ids.device)[prev] & counted
         s = surprisal(logits.reshape(-1, logits.shape[-1])[:n], labels.reshape(-1)[:n])
         has_s = ~torch.isnan(s) & counted
         for k, (bm, _) in enumerate(byte_level_boundaries(masks, probs)):
