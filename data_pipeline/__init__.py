@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "BalancedStepLoader": "loader", "StepBatch": "loader",
+    "BalancedStepLoader": "loader", "StepBatch": "loader", "PrefetchingLoader": "prefetch",
     "ByteCost": "balance", "partition_lpt": "balance", "plan_step": "balance",
     "MicroBatch": "batch", "IGNORE_INDEX": "batch",
     "BOS": "packer", "Piece": "packer", "pack_row": "packer", "split_piece": "packer",

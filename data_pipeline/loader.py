@@ -243,9 +243,12 @@ class BalancedStepLoader:
 
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("dp_world > 1 needs torch.distributed initialised (the gathers run over gloo)")
-        if group is None and dist.get_backend() != "gloo":
+        if group is None:
             # documents are Python objects: gather them over gloo even when training uses NCCL;
-            # one group per process (creating a group is collective; eval loaders come and go)
+            # and a group of the loaders' own even under gloo, so a loader building a step in a
+            # background thread (data_pipeline.prefetch) never shares a group with the training's
+            # collectives. One group per process (creating a group is collective; eval loaders
+            # come and go)
             global _WORLD_GLOO_GROUP
             if _WORLD_GLOO_GROUP is None:
                 _WORLD_GLOO_GROUP = dist.new_group(backend="gloo")

@@ -70,69 +70,99 @@ def stage_stats(out) -> tuple[list[float], list[float]]:
 
 
 class _Accumulator:
-    """Local sums of one step; reduced over ranks in one all_reduce."""
+    """Local sums of one step; reduced over ranks in one all_reduce.
+
+    The figures that come from the device (loss sums, ratio losses, compression ratios, F, and
+    whether each micro-batch's terms were finite) stay on the device as fp64 tensors across the
+    micro-batches, and `read` brings them to the host in one read per step. A host read of a
+    device value waits for all the work queued before it (PyTorch's CUDA semantics notes on
+    asynchronous execution), so reading them per micro-batch would drain the queue several times
+    per micro-batch. fp64 on the device: the same sums, in the same order, as Python floats.
+    Host counts (targets, bytes, micro-batches) are Python ints from the batch.
+    """
 
     def __init__(self, n_stages: int):
         self.n_stages = n_stages
-        self.loss_sum = 0.0
         self.n_targets = 0
         self.n_bytes = 0
-        self.ratio = 0.0
         self.n_micro = 0
-        self.bpc = [0.0] * n_stages  # byte-weighted sums
-        self.frac = [0.0] * n_stages
+        self._sums: list = [0.0] * (2 + 2 * n_stages)  # loss_sum, ratio, bytes-weighted bpc and F per stage
+        self._checks: list[tuple[torch.Tensor, list[str]]] = []  # finiteness of a micro-batch's terms, its keys
+        self._values: list[float] | None = None  # the sums on the host, after `read`
         self.bad = 0.0
         self.bad_keys: list[str] = []
 
-    def add(self, out, mb, loss_sum: float, ratio: float) -> None:
-        finite = math.isfinite(loss_sum) and math.isfinite(ratio)
-        if not finite:
-            self.bad = 1.0
-            self.bad_keys.extend(mb.keys)
-        self.loss_sum += loss_sum if finite else 0.0
-        self.ratio += ratio if finite else 0.0
+    def _add(self, i: int, value) -> None:
+        self._sums[i] = self._sums[i] + value
+        self._values = None
+
+    def _finite(self, terms: list, keys) -> list:
+        """The terms (fp64, detached) where all of them are finite, else zeros; the finiteness is
+        read with the sums (the micro-batch's keys are reported if it was not)."""
+        terms = [t.detach().double().reshape(()) for t in terms]
+        ok = torch.stack([torch.isfinite(t) for t in terms]).all()
+        self._checks.append((ok, list(keys)))
+        return [torch.where(ok, t, torch.zeros_like(t)) for t in terms]
+
+    def _count(self, mb) -> None:
         self.n_targets += int(mb.n_targets)
         self.n_bytes += int(mb.n_bytes)
         self.n_micro += 1
+
+    def add(self, out, mb, loss_sum: torch.Tensor, ratio: torch.Tensor) -> None:
+        loss_sum, ratio = self._finite([loss_sum, ratio], mb.keys)
+        self._add(0, loss_sum)
+        self._add(1, ratio)
+        self._count(mb)
         if out is not None and out.stages:
-            bpc, frac = stage_stats(out)
-            for s in range(min(self.n_stages, len(bpc))):
-                self.bpc[s] += bpc[s] * mb.n_bytes
-                self.frac[s] += frac[s] * mb.n_bytes
+            self.add_levels(0, out.stages[:self.n_stages], 1.0, float(mb.n_bytes))
 
-    def add_loss(self, mb, loss_sum: float) -> None:
+    def add_loss(self, mb, loss_sum: torch.Tensor) -> None:
         """A micro-batch's summed cross-entropy (on the rank that computes the loss)."""
-        if not math.isfinite(loss_sum):
-            self.bad = 1.0
-            self.bad_keys.extend(mb.keys)
-        self.loss_sum += loss_sum if math.isfinite(loss_sum) else 0.0
-        self.n_targets += int(mb.n_targets)
-        self.n_bytes += int(mb.n_bytes)
-        self.n_micro += 1
+        (loss_sum,) = self._finite([loss_sum], mb.keys)
+        self._add(0, loss_sum)
+        self._count(mb)
 
-    def add_ratio(self, ratio: float, keys=()) -> None:
-        if not math.isfinite(ratio):
-            self.bad = 1.0
-            self.bad_keys.extend(keys)
-        self.ratio += ratio if math.isfinite(ratio) else 0.0
+    def add_ratio(self, ratio: torch.Tensor, keys=()) -> None:
+        (ratio,) = self._finite([ratio], keys)
+        self._add(1, ratio)
 
-    def add_levels(self, first_stage: int, stats, bytes_per_chunk_in: float, n_bytes: float) -> float:
+    def add_levels(self, first_stage: int, stats, bytes_per_chunk_in, n_bytes):
         """Statistics of routing stages first_stage.. of one micro-batch of `n_bytes` real bytes,
         whose bytes per chunk entering first_stage are `bytes_per_chunk_in` (a pipeline rank sees
-        only its own levels). Returns the bytes per chunk after the last of them."""
+        only its own levels; both a float or a 0-dim tensor). Returns the bytes per chunk after
+        the last of them (a tensor: nothing is read here)."""
         bpc = bytes_per_chunk_in
         for s, st in enumerate(stats, start=first_stage):
-            bpc *= float(st.compression_ratio)
-            self.bpc[s] += bpc * n_bytes
-            self.frac[s] += float(st.F) * n_bytes
+            bpc = bpc * st.compression_ratio.detach().double()
+            self._add(2 + s, bpc * n_bytes)
+            self._add(2 + self.n_stages + s, st.F.detach().double() * n_bytes)
         return bpc
 
+    def read(self, *extra) -> list[float]:
+        """The step's one host read: every device sum and finiteness flag, and `extra` scalars
+        (tensors, floats or None, e.g. the gradient norm) in the same read; returns the extras as
+        floats (None: nan). Sets `bad` and `bad_keys`."""
+        entries = self._sums + [ok for ok, _ in self._checks] + list(extra)
+        tensors = [e for e in entries if torch.is_tensor(e)]
+        read = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).tolist() if tensors else [])
+        values = [next(read) if torch.is_tensor(e) else (float("nan") if e is None else float(e)) for e in entries]
+        n_sums, n_checks = len(self._sums), len(self._checks)
+        self._values = values[:n_sums]
+        flags = values[n_sums:n_sums + n_checks]
+        self.bad_keys = [k for f, (_, keys) in zip(flags, self._checks) if not f for k in keys]
+        self.bad = 1.0 if not all(flags) else 0.0
+        return values[n_sums + n_checks:]
+
     def reduce(self, grad_norm: float, skipped_local: bool = False) -> StepResult:
-        vec = [self.loss_sum, self.n_targets, self.n_bytes, self.ratio, self.n_micro, self.bad + float(skipped_local)]
-        vec += self.bpc + self.frac
+        if self._values is None:
+            self.read()
+        s = self.n_stages
+        vec = [self._values[0], self.n_targets, self.n_bytes, self._values[1], self.n_micro,
+               self.bad + float(skipped_local)]
+        vec += self._values[2:]
         tot = all_reduce_sum(vec)
         loss_sum, n_t, n_b, ratio, n_micro, bad = tot[:6]
-        s = self.n_stages
         bpc = [v / max(1.0, n_b) for v in tot[6:6 + s]]
         frac = [v / max(1.0, n_b) for v in tot[6 + s:6 + 2 * s]]
         skipped = bad > 0 or not math.isfinite(grad_norm)
@@ -142,8 +172,9 @@ class _Accumulator:
 
 
 def _to(mb, device):
-    return (mb.input_ids.to(device, non_blocking=True), mb.labels.to(device, non_blocking=True),
-            mb.cu_seqlens.to(device, non_blocking=True))
+    """ids and labels to the device; cu_seqlens stays on the host, where the packer built it: the
+    model takes level 0's documents from it without reading the device (pretrain.model.sequence)."""
+    return (mb.input_ids.to(device, non_blocking=True), mb.labels.to(device, non_blocking=True), mb.cu_seqlens)
 
 
 def _n_real(mb) -> int | None:
@@ -255,12 +286,11 @@ class ZeroStep(EngineExecutor):
             objective = loss_sum * weight + ratio / n
             # scale_wrt_gas=False: DeepSpeed's 1/GAS must not apply on top of our weighting.
             self.engine.backward(objective, scale_wrt_gas=False)
-            acc.add(out, mb, _scalar(loss_sum), _scalar(ratio))
+            acc.add(out, mb, loss_sum, ratio)
         if self.before_step is not None:
             self.before_step(self)
         self.engine.step()  # ZeRO skips the update itself when the gradient norm is inf/nan
-        gn = self.engine.get_global_grad_norm()
-        grad_norm = _scalar(gn) if gn is not None else float("nan")
+        (grad_norm,) = acc.read(self.engine.get_global_grad_norm())  # with the statistics: one read
         return acc.reduce(grad_norm)
 
     def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
@@ -326,14 +356,17 @@ class PlainStep(StepExecutor):
             loss_sum = out.loss_sum * float("nan") if inject_nan else out.loss_sum
             ratio = out.ratio_loss if out.ratio_loss is not None else loss_sum.new_zeros(())
             (loss_sum * weight + ratio / n).backward()
-            acc.add(out, mb, _scalar(loss_sum), _scalar(ratio))
+            acc.add(out, mb, loss_sum, ratio)
         if self.before_step is not None:
             self.before_step(self)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if self.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+            gn = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            gn = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        # The step's one read (the statistics and the gradient norm together): whether to update
+        # is decided on the host.
+        (grad_norm,) = acc.read(gn)
         bad = acc.bad > 0 or not math.isfinite(grad_norm)
         if not bad:
             self.optimizer.step()

@@ -52,6 +52,7 @@ class DataSection:
     on_error: str = "skip"  # "skip" | "fail": what a corrupt document does
     round_to: int = 1
     cost_balance: bool = True  # balance micro-batches by modelled FLOPs instead of bytes
+    prefetch: bool = True  # build the next step's batch in a background thread during this step
     eval_step_bytes: int = 0  # 0 = same as step_bytes
 
 

@@ -311,6 +311,8 @@ class Trainer:
         t = self.cfg.train
         if not self.cfg.data.eval_index or not ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
             return
+        if hasattr(self.loader, "settle"):
+            self.loader.settle()  # the held-out loaders gather over the training loader's group
         t0 = time.perf_counter()
         ev = self.evaluator.run()
         self.timers.eval_s += time.perf_counter() - t0

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.distributed import all_reduce_sum
-from parallel.step import EngineExecutor, _Accumulator, _n_real, _scalar, _to
+from parallel.step import EngineExecutor, _Accumulator, _n_real, _to
 from pretrain.model.dynamic_chunking import RoutingOutput
 from pretrain.model.hnet import (LevelContext, check_inputs, next_byte_loss, stage_statistics,
                                  weighted_ratio_loss)
@@ -70,7 +70,7 @@ def detached_context(ctx: LevelContext) -> tuple[LevelContext, list[tuple[torch.
         return copy
 
     r = ctx.routing
-    routing = RoutingOutput(leaf(r.boundary_prob), r.boundary_mask, leaf(r.selected_probs))
+    routing = r._replace(boundary_prob=leaf(r.boundary_prob), selected_probs=leaf(r.selected_probs))
     return ctx._replace(residual=leaf(ctx.residual), routing=routing), pairs
 
 
@@ -106,6 +106,8 @@ class PipelineStep(EngineExecutor):
             return
         while True:
             dist.broadcast(header, src=src, group=group)
+            # a host read of the received header (the broadcast has delivered it): the step's size
+            # is needed on the host to run the schedule; once per step, p2p metadata
             n, targets, n_bytes = header.tolist()
             if n < 0:
                 return
@@ -153,8 +155,8 @@ class PipelineStep(EngineExecutor):
         if self.before_step is not None:
             self.before_step(self)
         self.engine.step()
-        gn = self.engine.get_global_grad_norm()
-        res = run.acc.reduce(_scalar(gn) if gn is not None else float("nan"))
+        (grad_norm,) = run.acc.read(self.engine.get_global_grad_norm())  # with the statistics: one read
+        res = run.acc.reduce(grad_norm)
         res.extra_metrics = self._pipeline_metrics(run, step_s, orders)
         return res
 
@@ -231,8 +233,22 @@ class _StepRun:
         self.outbox.send(self.ex.grid.rank_of(dst), tensors)
 
     def _meta(self, n_real, n_bytes, bpc) -> torch.Tensor:
-        return torch.tensor([-1.0 if n_real is None else float(n_real), float(n_bytes), float(bpc)],
-                            dtype=torch.float64, device=self.ex.device)
+        """[real positions (-1: all), real bytes, bytes per chunk] for the next rank; the bytes per
+        chunk is a device tensor (the product of this rank's compression ratios): it is sent, not read."""
+        dev = self.ex.device
+
+        def entry(v) -> torch.Tensor:
+            return v.reshape(1).to(dev, torch.float64) if torch.is_tensor(v) else torch.tensor([float(v)],
+                                                                                               dtype=torch.float64).to(dev)
+
+        return torch.cat([entry(-1.0 if n_real is None else n_real), entry(n_bytes), entry(bpc)])
+
+    @staticmethod
+    def _received_meta(meta: torch.Tensor):
+        """n_real, n_bytes, bytes per chunk of a received meta: n_real sizes slices on the host, a
+        read of a tensor the mailbox has already waited for; the other two stay on the device."""
+        n = int(meta[0])
+        return (None if n < 0 else n), meta[1], meta[2]
 
     def _stats(self, routing, n_real, bpc_in: float, n_bytes: float, like: torch.Tensor, keys=()):
         """Routing statistics of this rank's levels -> (ratio objective, real positions and bytes
@@ -240,7 +256,7 @@ class _StepRun:
         stats, n_next = stage_statistics(self.ex.config, list(routing), n_real, self.ex.first_level)
         ratio = weighted_ratio_loss(self.ex.config, stats, like)
         bpc_out = self.acc.add_levels(self.ex.first_level, stats, bpc_in, n_bytes)
-        self.acc.add_ratio(_scalar(ratio), keys)
+        self.acc.add_ratio(ratio, keys)
         return ratio / self.n, n_next, bpc_out
 
     @staticmethod
@@ -259,9 +275,8 @@ class _StepRun:
         else:
             x, cu, meta = self.recv(ex.me - 1, "act_down", i)
             x.requires_grad_(self.train)
-            seqs = PackedSeqs.from_cu_seqlens(cu)
-            n_real = None if meta[0] < 0 else int(meta[0])
-            n_bytes, bpc_in = float(meta[1]), float(meta[2])
+            seqs = PackedSeqs.from_cu_seqlens(cu)  # one read of the received boundaries: they size this level
+            n_real, n_bytes, bpc_in = self._received_meta(meta)
             self.down[i] = {"x": x}
         out, next_seqs, contexts = ex.engine("down", x, seqs)
         keys = self.down[i]["mb"].keys if ex.reads_data else ()
@@ -273,9 +288,9 @@ class _StepRun:
         ex = self.ex
         x, cu, meta = self.recv(ex.me - 1, "act_down", i)
         x.requires_grad_(self.train)
-        n_real = None if meta[0] < 0 else int(meta[0])
-        out, routing = ex.engine("turn", x, PackedSeqs.from_cu_seqlens(cu))
-        ratio, _, _ = self._stats(routing, n_real, float(meta[2]), float(meta[1]), out)
+        n_real, n_bytes, bpc_in = self._received_meta(meta)
+        out, routing = ex.engine("turn", x, PackedSeqs.from_cu_seqlens(cu))  # one read: the boundaries size it
+        ratio, _, _ = self._stats(routing, n_real, bpc_in, n_bytes, out)
         self.turn[i] = {"x": x, "out": out, "ratio": ratio}
         extra = [] if self.train else self._routing_tensors(routing)
         self.send(ex.me - 1, [out, *extra])
@@ -302,7 +317,7 @@ class _StepRun:
             self._eval_output(out, mb, st, deeper)
             return
         loss_sum = out.loss_sum * float("nan") if self.inject_nan else out.loss_sum
-        self.acc.add_loss(mb, _scalar(loss_sum))
+        self.acc.add_loss(mb, loss_sum)
         self.up[i]["objective"] = loss_sum * self.weight
 
     def _eval_output(self, out, mb, st, deeper: list[torch.Tensor]) -> None:

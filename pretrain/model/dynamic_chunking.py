@@ -18,11 +18,14 @@ class RoutingOutput(NamedTuple):
     boundary_prob:  (T,) p_t in [0, 1]; 1 at every document start.
     boundary_mask:  (T,) bool b_t = p_t > 0.5.
     selected_probs: (T,) confidence c_t = p_t if b_t else 1 - p_t.
+    cu_lists:       after chunking, (this level's cu_seqlens, the next level's) as Python ints:
+                    the real positions of the next level are then known on the host.
     """
 
     boundary_prob: torch.Tensor
     boundary_mask: torch.Tensor
     selected_probs: torch.Tensor
+    cu_lists: tuple[list[int], list[int]] | None = None
 
 
 class RoutingModule(nn.Module):
@@ -64,21 +67,34 @@ class RoutingModule(nn.Module):
 def chunk(hidden: torch.Tensor, routing: RoutingOutput, seqs: PackedSeqs) -> tuple[torch.Tensor, PackedSeqs]:
     """Keep the boundary positions. (1, T, D) -> (1, M, D) and the next level's documents:
     its cu_seqlens is the cumulative boundary count at each document end."""
-    mask = routing.boundary_mask
-    counts = torch.cumsum(mask.to(torch.int64), 0)
+    counts = torch.cumsum(routing.boundary_mask.to(torch.int64), 0)
     next_cu = F.pad(counts[seqs.cu_seqlens[1:].long() - 1], (1, 0)).to(torch.int32)
-    return hidden[:, mask], PackedSeqs.from_cu_seqlens(next_cu)
+    # The one host read of a level, inherent to dynamic chunking: the chunk count M sizes every
+    # tensor of the next level, and its document boundaries (read with it) give max_seqlen and the
+    # spans the host needs. Everything else of the level is then sized without reading the device.
+    inner_seqs = PackedSeqs.from_host(next_cu.tolist(), hidden.device, next_cu)
+    return hidden[:, boundary_positions(counts, inner_seqs.total)], inner_seqs
+
+
+def boundary_positions(counts: torch.Tensor, n_chunks: int) -> torch.Tensor:
+    """(M,) int64 positions of the boundaries, from the running boundary count (T,) and M. The
+    same elements as indexing with the boolean mask, but a boolean index (like nonzero) sizes its
+    output from the data and so reads the device; the j-th boundary is the first position whose
+    count reaches j, found by a binary search of a known size."""
+    wanted = torch.arange(1, n_chunks + 1, device=counts.device, dtype=counts.dtype)
+    return torch.searchsorted(counts, wanted)
 
 
 def dechunk(chunked: torch.Tensor, routing: RoutingOutput, inner_seqs: PackedSeqs) -> torch.Tensor:
     """Smooth the chunk sequence with an EMA weighted by the boundary probabilities (eq. 5),
     resetting at document starts, then upsample: each position takes the value of the most
     recent chunk. (1, M, D) -> (1, T, D), fp32."""
-    mask = routing.boundary_mask
+    counts = torch.cumsum(routing.boundary_mask.to(torch.int64), 0)
     ct = torch.promote_types(chunked.dtype, torch.float32)
-    p = routing.boundary_prob.to(ct).clamp(min=1e-4, max=1 - 1e-4)[mask].unsqueeze(0)  # (1, M)
+    at_boundaries = boundary_positions(counts, inner_seqs.total)
+    p = routing.boundary_prob.to(ct).clamp(min=1e-4, max=1 - 1e-4)[at_boundaries].unsqueeze(0)  # (1, M)
     smoothed = ema_scan(chunked.to(ct), p, inner_seqs.seq_idx)
-    plug_back = torch.cumsum(mask.to(torch.int64), 0) - 1
+    plug_back = counts - 1
     return smoothed[:, plug_back]
 
 

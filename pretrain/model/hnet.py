@@ -1,6 +1,7 @@
 """H-Net: the recursive U-shaped byte model (encoder -> chunk -> inner -> dechunk -> decoder)."""
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -52,6 +53,7 @@ def encode_level(level, hidden: torch.Tensor, seqs: PackedSeqs) -> tuple[torch.T
         residual = level.residual_proj(hidden.to(level.residual_proj.weight.dtype))
     routing = level.routing_module(hidden, seqs)
     inner, inner_seqs = chunk(hidden, routing, seqs)
+    routing = routing._replace(cu_lists=(seqs.cu_list(), inner_seqs.cu_list()))
     return inner, inner_seqs, LevelContext(seqs, inner_seqs, residual, routing, d_in, hidden.dtype)
 
 
@@ -230,19 +232,23 @@ def check_inputs(config: HNetConfig, input_ids: torch.Tensor, cu_seqlens: torch.
         raise ValueError(f"input_ids must hold integer byte ids, got {input_ids.dtype}")
     if input_ids.numel() == 0:
         raise ValueError("input_ids is empty")
-    lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device read for both bounds
-    if lo < 0 or hi >= config.vocab_size:
-        raise ValueError(f"input_ids must be byte ids in 0..{config.vocab_size - 1}, got values in [{lo}, {hi}]")
+    # uint8 ids (the packed rows of the data pipeline) are byte ids by their dtype: no device
+    # read is needed to check them. Ids of any other dtype are read once, for both bounds.
+    if not (input_ids.dtype == torch.uint8 and config.vocab_size >= 256):
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
+        if lo < 0 or hi >= config.vocab_size:
+            raise ValueError(f"input_ids must be byte ids in 0..{config.vocab_size - 1}, got values in [{lo}, {hi}]")
     B, L = input_ids.shape
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(B + 1, device=input_ids.device, dtype=torch.int32) * L
+        cu = [i * L for i in range(B + 1)]
     else:
         if B != 1:
             raise ValueError(f"with cu_seqlens, input_ids must be one packed row (1, T), got {tuple(input_ids.shape)}")
-        check_cu_seqlens(cu_seqlens, L)
+        cu = check_cu_seqlens(cu_seqlens, L)  # the packer's host tensor: read without a synchronisation
     if labels is not None and labels.shape != input_ids.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids shape {tuple(input_ids.shape)}")
-    return PackedSeqs.from_cu_seqlens(cu_seqlens.to(input_ids.device))
+    device_cu = cu_seqlens if cu_seqlens is not None and cu_seqlens.device == input_ids.device else None
+    return PackedSeqs.from_host(cu, input_ids.device, device_cu)
 
 
 def lm_output(lm_head: nn.Module, hidden: torch.Tensor, shape, labels: torch.Tensor | None) -> HNetOutput:
@@ -273,10 +279,22 @@ def stage_statistics(config: HNetConfig, routing: list[RoutingOutput], n_real: i
     stats, n = [], n_real
     for r, target in zip(routing, config.ratio_targets[first_stage:]):
         if n is not None:  # padding sits at the row's end at every level (it is its own document)
-            r = RoutingOutput(r.boundary_prob[:n], r.boundary_mask[:n], r.selected_probs[:n])
-            n = int(r.boundary_mask.sum())
+            cut = RoutingOutput(r.boundary_prob[:n], r.boundary_mask[:n], r.selected_probs[:n])
+            n, r = real_chunks(r, n), cut
         stats.append(_stage_stats(r, target))
     return stats, n
+
+
+def real_chunks(r: RoutingOutput, n: int) -> int:
+    """Chunks of the first n positions of a level. Where n ends a document (the padding is one),
+    the next level's boundaries on the host give it; else it is counted on the device (one read:
+    only for routing without its boundaries, received from another pipeline rank in evaluation)."""
+    if r.cu_lists is not None:
+        cu, next_cu = r.cu_lists
+        k = bisect.bisect_left(cu, n)
+        if k < len(cu) and cu[k] == n:
+            return next_cu[k]
+    return int(r.boundary_mask[:n].sum())
 
 
 def weighted_ratio_loss(config: HNetConfig, stats: list[StageStats], like: torch.Tensor) -> torch.Tensor:
