@@ -267,10 +267,16 @@ class StreamClient:
         self.args = args
         self._buf: deque = deque()
         self._proc = None
+        self._restarted = False
+        self._last = None  # the last event received from the worker: where a restart resumes
         if not use_process:
             self._gen = iter_stream(**args)
             return
-        n = max(1, prefetch)
+        self._prefetch, self._shared_memory = max(1, prefetch), shared_memory
+        self._spawn(args)
+
+    def _spawn(self, args: dict) -> None:
+        n = self._prefetch
         data_r, data_w = os.pipe()
         try:
             import fcntl
@@ -280,7 +286,7 @@ class StreamClient:
             pass
         child_fds, slots_fds = [data_w], None
         self._mem = self._free_w = None
-        if shared_memory and hasattr(os, "memfd_create"):
+        if self._shared_memory and hasattr(os, "memfd_create"):
             mem_fd = os.memfd_create("hnet-data-slots", os.MFD_CLOEXEC)
             os.ftruncate(mem_fd, n * _BATCH_BYTES)
             self._mem = mmap.mmap(mem_fd, n * _BATCH_BYTES)
@@ -318,13 +324,27 @@ class StreamClient:
                     self._proc.wait(1.0)
                 except Exception:
                     pass
-                raise RuntimeError(f"data worker for stream {self.args['stream']} died "
-                                   f"(exit code {self._proc.returncode}) without reporting an error") from None
+                code = self._proc.returncode
+                if self._restarted:
+                    raise RuntimeError(f"data worker for stream {self.args['stream']} died (exit code {code}) "
+                                       f"without reporting an error, and had been restarted once already") from None
+                self._restart(code)
         ev = self._buf.popleft()
         if ev[0] == "error":
             raise DataError(f"data worker for stream {self.args['stream']} failed: {ev[1]}\n{ev[4]}",
                             shard=ev[2], key=ev[3])
         return ev
+
+    def _restart(self, code) -> None:
+        """A worker that died without a word (killed, out of memory) is started once more, right
+        after the last event it delivered: what was received stays in the buffer, so the stream
+        goes on as if nothing happened. A second death ends the stream with an error."""
+        args = resume_args(self.args, self._last)
+        log.warning("data worker for stream %s died (exit code %s) without reporting an error; restarted once, "
+                    "from epoch %d plan entry %d offset %d", self.args["stream"], code, args["epoch"], *args["position"])
+        self._close_worker()
+        self._restarted = True
+        self._spawn(args)
 
     def _receive(self) -> None:
         slot, batch = self._conn.recv()
@@ -339,6 +359,8 @@ class StreamClient:
             except BrokenPipeError:
                 pass  # the worker has ended after its last batch: nobody needs the slot
         self._buf.extend(batch)
+        if batch:
+            self._last = batch[-1]
 
     def request_stop(self) -> None:
         """Tell the worker to stop (close() waits for it); lets several workers stop in parallel.
@@ -354,6 +376,9 @@ class StreamClient:
         if self._proc is None:
             self._gen.close()
             return
+        self._close_worker()
+
+    def _close_worker(self) -> None:
         self.request_stop()
         # a worker only reads shards: when it does not stop at once (busy parsing a shard),
         # killing it loses nothing (it ignores SIGTERM, see _worker_signals)
@@ -367,3 +392,22 @@ class StreamClient:
                 pass
         if self._mem is not None and not self._mem.closed:
             self._mem.close()
+
+
+def resume_args(args: dict, last: tuple | None) -> dict:
+    """The stream arguments that continue right after event `last` of a stream started with
+    `args` (its first event when `last` is None)."""
+    if last is None:
+        return dict(args)
+    kind, epoch = last[0], last[1]
+    plan = args["plan"] if epoch == args["epoch"] else fresh_plans(len(args["shards"]), args["seed"], epoch,
+                                                                   args["n_streams"])[args["stream"]]
+    if kind in ("doc", "skip"):
+        return dict(args, epoch=epoch, plan=plan, position=[last[2], last[3] + 1])
+    if kind == "shard_skip":
+        k = last[2] + 1
+        return dict(args, epoch=epoch, plan=plan, position=[k, plan[k][1] if k < len(plan) else 0])
+    if kind == "epoch_end":
+        nxt = fresh_plans(len(args["shards"]), args["seed"], epoch + 1, args["n_streams"])[args["stream"]]
+        return dict(args, epoch=epoch + 1, plan=nxt, position=[0, 0])
+    raise ValueError(f"a stream does not continue after a {kind!r} event")

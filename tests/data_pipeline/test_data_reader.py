@@ -165,18 +165,44 @@ def test_empty_document_and_member_without_text(tmp_path):
         _collect(BalancedStepLoader([index], 64, 128, epochs=1, on_error="fail"))
 
 
-def test_dead_worker_surfaces(shard_set):
+def test_killed_worker_restarts_once_from_its_exact_position(shard_set):
+    """kill -9 of a data worker mid-epoch (OOM killer, an operator): the stream restarts right
+    after the last event the worker delivered, and the steps equal an uninterrupted run's.
+    prefetch=1 with shared-memory slots keeps the worker at most a slot ahead, so it is mid-stream
+    when killed (through a pipe, the whole small corpus would fit in the pipe's buffer)."""
+    index, _ = shard_set
+    kw = dict(num_workers=2, prefetch=1, epochs=2, seed=11)
+    ref = [step_digest(s) for s in BalancedStepLoader([index], C, STEP, **kw)]
+    loader = BalancedStepLoader([index], C, STEP, **kw)
+    got = []
+    for i, step in enumerate(loader):
+        got.append(step_digest(step))
+        if i == 2:
+            client = loader._clients[1]
+            proc = client._proc
+            assert proc.poll() is None, "the worker had already ended: the kill would test nothing"
+            proc.kill()
+            proc.wait(5)
+    assert client._restarted and client._proc is not proc
+    assert got == ref
+
+
+def test_worker_that_dies_twice_surfaces(shard_set):
     index, _ = shard_set
     loader = BalancedStepLoader([index], C, STEP, num_workers=1, prefetch=1)
     it = iter(loader)
     next(it)
-    proc = loader._clients[0]._proc
-    proc.kill()
-    proc.wait(5)
+    first = loader._clients[0]._proc
+    first.kill()
+    first.wait(5)
     t0 = time.monotonic()
-    with pytest.raises((RuntimeError, DataError), match="died"):
+    with pytest.raises((RuntimeError, DataError), match="died .*restarted once already"):
         for _ in range(1000):
             next(it)
+            proc = loader._clients[0]._proc
+            if proc is not first and proc.poll() is None:
+                proc.kill()  # the restarted worker dies as well
+                proc.wait(5)
     assert time.monotonic() - t0 < 30
 
 
