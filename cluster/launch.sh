@@ -26,6 +26,12 @@ py=${HNET_LAUNCH_PYTHON:-$(command -v python3 || command -v python || true)}
 exports=$("$py" "$here/../parallel/slurm_env.py") || exit 2
 eval "$exports"
 
+if [[ $NODE_LOCAL_RANK == 0 ]]; then
+    # One line per host: where its ranks run, under which name and address (what the others dial).
+    addr=$(getent hosts "$(hostname)" 2>/dev/null | awk '{print $1; exit}')
+    echo "cluster/launch.sh: host $(hostname) (${addr:-no address for its name}): node $NODE_RANK," \
+         "$LOCAL_WORLD_SIZE of the $WORLD_SIZE ranks, the lowest $RANK" >&2
+fi
 if [[ $RANK == 0 ]]; then
     echo "cluster/launch.sh: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $(hostname):" \
          "WORLD_SIZE=$WORLD_SIZE MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT" \

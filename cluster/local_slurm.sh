@@ -8,6 +8,7 @@
 #   cluster/local_slurm.sh start     write slurm.conf, start munged, slurmctld, slurmd; wait for an idle node
 #   cluster/local_slurm.sh stop      stop the three daemons by their recorded PIDs
 #   cluster/local_slurm.sh status    daemons, node state, queue
+#   cluster/local_slurm.sh munge     start munged only (shared with cluster/local_slurm_hosts.sh)
 #
 # Every command is idempotent. Accounting (slurmdbd + MariaDB, needed by `sacct`) is
 # deliberately not installed: it doubles the install and start time. Finished jobs stay
@@ -98,6 +99,9 @@ CredType=cred/munge
 # A requeued job may only start once the credentials of its previous run expired;
 # 10 s instead of the default 120 s makes a requeue restart in about 20 s.
 AuthInfo=cred_expire=10
+# The scheduler runs every 2 s instead of on SLURM's 60 s (main) and 30 s (backfill) cycles: a
+# requeued job starts once its hold ends (cred_expire), not up to half a minute later.
+SchedulerParameters=sched_interval=2,bf_interval=2
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -222,5 +226,6 @@ case ${1:-} in
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
-    *) echo "usage: $0 install|start|stop|status" >&2; exit 2 ;;
+    munge) need_root; start_munge ;;
+    *) echo "usage: $0 install|start|stop|status|munge" >&2; exit 2 ;;
 esac

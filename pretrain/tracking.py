@@ -145,7 +145,11 @@ class MlflowTracker(NullTracker):
                 tags["resumed_from_step"] = str(resume_step)
             run = self.client.create_run(exp_id, run_name=run_name or None, tags=tags)
             self.run_id = run.info.run_id
+            restarts = 0
         tags = slurm_tags()
+        # slurm.* say where the run is now; restart_N.slurm.* keep where each attempt ran (a
+        # requeue may land on other nodes, a resumed run may be another job).
+        tags.update({f"restart_{restarts}.{k}": v for k, v in list(tags.items())})
         if tags:
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self._buffer: list = []

@@ -108,12 +108,12 @@ def tail(path: Path | None, n: int = 6000) -> str:
     return "\n".join(lines)[-n:]
 
 
-def jobcomp_states(job_id: str) -> list[str]:
+def jobcomp_states(job_id: str, log: Path = JOBCOMP_LOG) -> list[str]:
     """Every end of the job (each requeue and the final end) recorded by jobcomp/filetxt."""
-    if not JOBCOMP_LOG.exists():
+    if not log.exists():
         return []
     out = []
-    for line in JOBCOMP_LOG.read_text(errors="replace").splitlines():
+    for line in log.read_text(errors="replace").splitlines():
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
         if fields.get("JobId") == job_id:
             out.append(fields.get("JobState", "?"))

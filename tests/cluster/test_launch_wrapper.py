@@ -173,3 +173,29 @@ def test_python_mapping_is_the_wrappers():
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
         assert got[k] == wrapped[k], k
     assert got["LOCAL_RANK"] == "0" and got["MASTER_ADDR"] == "gpu007"
+
+
+# Every layout the multi-host tests run (tests/cluster/test_multihost.py), task by task: the
+# whole node's GPUs visible (LOCAL_RANK is the node-local id) and one GPU bound per task
+# (--gpus-per-task=1: each task sees only its own device, so LOCAL_RANK is 0).
+LAYOUTS = {"2 hosts x 2": ("hnet[1-2]", [2, 2]), "3 hosts x 1": ("hnet[1-3]", [1, 1, 1]),
+           "2 hosts x 1": ("hnet[1-2]", [1, 1])}
+
+
+@pytest.mark.parametrize("bound", [False, True], ids=["node GPUs visible", "one GPU per task"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_multi_host_layouts(layout, bound):
+    nodelist, per_node = LAYOUTS[layout]
+    spec = ",".join(str(n) for n in per_node)
+    world, rank = sum(per_node), 0
+    for node, n in enumerate(per_node):
+        for local in range(n):
+            extra = {"CUDA_VISIBLE_DEVICES": str(local)} if bound else {}
+            got = mapped(one_task(SLURM_PROCID=str(rank), SLURM_LOCALID=str(local), SLURM_NODEID=str(node),
+                                  SLURM_NTASKS=str(world), SLURM_JOB_NODELIST=nodelist,
+                                  SLURM_STEP_TASKS_PER_NODE=spec, SLURM_JOB_ID="77"), extra=extra)
+            want = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": "0" if bound else str(local),
+                    "LOCAL_WORLD_SIZE": str(n), "NODE_RANK": str(node), "MASTER_ADDR": "hnet1",
+                    "MASTER_PORT": str(15077)}
+            assert {k: got[k] for k in want} == want, (layout, rank)
+            rank += 1

@@ -93,6 +93,8 @@ def test_mlflow_tracker_buffers_and_resumes_run(tmp_path, monkeypatch):
     assert run.info.status == "FINISHED"
     assert run.data.tags["restart_count"] == "1" and run.data.tags["slurm.job_id"] == "777"
     assert run.data.tags["restart_1.from_step"] == "5"
+    # Where each attempt ran stays readable after later attempts moved elsewhere.
+    assert run.data.tags["restart_0.slurm.job_id"] == "777" and run.data.tags["restart_1.slurm.job_id"] == "777"
     assert run.data.params["config.a"] == "1" and run.data.params["new"] == "3"
     assert [m.step for m in r.client.get_metric_history(run_id, "train/loss")] == list(range(1, 9))
     assert [a.path for a in r.client.list_artifacts(run_id)] == ["config.yaml"]
