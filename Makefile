@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=30
 
 # The tests without the multi-process and SLURM ones: a quick check while editing.
 test-fast: setup

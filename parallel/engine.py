@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -110,7 +111,19 @@ def resolve_ds_config(cfg, world_size: int) -> dict:
     zero = ds.get("zero_optimization", {})
     if zero.get("stage", 0) not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0..3, got {zero.get('stage')!r}")
+    if zero.get("stage", 0) > 0 and "overlap_comm" not in zero:
+        zero["overlap_comm"] = overlap_comm_default(cfg)
     return ds
+
+
+def overlap_comm_default(cfg) -> bool:
+    """ZeRO's `overlap_comm` where the DeepSpeed file does not set it: on with CUDA, where the
+    gradient reductions (and ZeRO-3's gathers) then run on a side stream behind the backward, as
+    DeepSpeed itself defaults for stage 3; off on CPU, where the accelerator has no second stream
+    (gloo collectives run in the calling thread), and off for pipeline stage engines, whose
+    interleaving of backward passes with stage-to-stage sends has not been run with it on a GPU."""
+    on_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+    return on_cuda and cfg.parallel.pipeline_stages == 1
 
 
 def zero_stage(ds_config: dict) -> int:

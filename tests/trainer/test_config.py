@@ -57,6 +57,24 @@ def test_shipped_configs_parse_and_resolve_the_model(name):
         assert ds["gradient_clipping"] == c.optim.grad_clip
 
 
+def test_overlap_comm_default(monkeypatch):
+    """Not in the shipped files: on with CUDA (unpipelined), off on CPU and for pipeline stages;
+    a value in the file or the overrides wins."""
+    import torch
+
+    def overlap(*over):
+        return resolve_ds_config(load_config(TINY, list(over), validate=False), 2)["zero_optimization"]["overlap_comm"]
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert overlap() is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    assert overlap() is True
+    assert overlap("train.ds_config=ds_configs/zero1.json") is True
+    assert overlap("parallel.pipeline_stages=2") is False
+    assert overlap("train.ds_overrides={zero_optimization: {overlap_comm: false}}") is False
+
+
 def test_ds_config_contradictions(tmp_path):
     base = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     cases = {
