@@ -180,6 +180,41 @@ def check_attention(torch, device, report):
     return ok
 
 
+def check_syncs(torch, device, report):
+    """Host-device synchronisations of training micro-batches on the GPU, as CUDA reports them:
+    torch.cuda.set_sync_debug_mode("warn") warns at every synchronising call. Per micro-batch =
+    (a 3-micro-batch step - a 1-micro-batch step) / 2; the CPU test (tests/model/test_host_syncs.py)
+    bounds the same count at one per hierarchy level by wrapping the reading calls."""
+    import warnings
+
+    from parallel.step import PlainStep
+    from tests.model.conftest import tiny_model
+    from tests.model.test_host_syncs import _micro_batch, _Step
+
+    out = {}
+    for stages in (1, 2):
+        model = tiny_model(stages, ssm_cfg=dict(d_state=32, headdim=32, chunk_size=64, d_conv=4, expand=2))
+        model = model.to(device).train()
+        ex = PlainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), n_stages=stages, grad_clip=1.0)
+        counts = {}
+        for n in (1, 3, 1, 3):  # the second pair, after warm-up (kernel autotuning may synchronise)
+            step = _Step([_micro_batch(i) for i in range(n)])
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    ex.train_step(step)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            counts[n] = sum("synchroniz" in str(w.message) for w in caught)
+        per_micro = (counts[3] - counts[1]) / 2
+        # A figure, not a gate: pageable host-to-device copies of the batch may count here too.
+        out[f"{stages}-stage"] = {"syncs_1_micro_batch_step": counts[1], "syncs_per_micro_batch": per_micro,
+                                  "within_one_per_level": per_micro <= stages}
+    report["host_syncs"] = out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_check.json")
@@ -196,6 +231,10 @@ def main():
     ok = check_ssd(torch, device, report)
     ok &= check_model(torch, device, report)
     ok &= check_attention(torch, device, report)
+    try:
+        check_syncs(torch, device, report)
+    except Exception as e:  # noqa: BLE001 - a figure; it must not hide the equivalence results
+        report["host_syncs_error"] = repr(e)
     try:
         throughput(torch, device, report)
     except Exception as e:  # noqa: BLE001 - a throughput failure must not hide the equivalence results
