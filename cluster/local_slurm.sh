@@ -9,6 +9,7 @@
 #   cluster/local_slurm.sh stop      stop the three daemons by their recorded PIDs
 #   cluster/local_slurm.sh status    daemons, node state, queue
 #   cluster/local_slurm.sh munge     start munged only (shared with cluster/local_slurm_hosts.sh)
+#   cluster/local_slurm.sh stop-munge  stop munged unless this cluster's daemons run
 #
 # Every command is idempotent. Accounting (slurmdbd + MariaDB, needed by `sacct`) is
 # deliberately not installed: it doubles the install and start time. Finished jobs stay
@@ -227,5 +228,9 @@ case ${1:-} in
     stop) cmd_stop ;;
     status) cmd_status ;;
     munge) need_root; start_munge ;;
-    *) echo "usage: $0 install|start|stop|status|munge" >&2; exit 2 ;;
+    stop-munge)  # only when this cluster's daemons are not running (they need it)
+        need_root
+        if pid_alive "$CTLD_PID" slurmctld || pid_alive "$SLURMD_PID" slurmd; then log "munged kept: the single-node cluster runs"
+        else stop_one "$MUNGE_PID" munged; fi ;;
+    *) echo "usage: $0 install|start|stop|status|munge|stop-munge" >&2; exit 2 ;;
 esac

@@ -19,8 +19,8 @@
 #
 # Addresses: HNET_HOSTS_NET.1 is the controller's (on the bridge, host side), .11, .12, ... the
 # compute hosts'; the default 10.213.7.0/24 exists only on the bridge and in the namespaces.
-# Names: every host gets /etc/netns/<ns>/hosts, mounted over /etc/hosts for its slurmd and so
-# for every process of every job on that host.
+# Names: every host gets /etc/netns/<ns>/hosts (and a resolv.conf without a reachable name
+# server), mounted over /etc/hosts for its slurmd and so for every process of every job on it.
 #
 # Everything created is written to $STATE_FILE as it is created; `stop` removes exactly those
 # things (daemons by their recorded PIDs, processes by the namespaces recorded, links and
@@ -166,6 +166,10 @@ make_host() {  # make_host I N
     mkdir -p "/etc/netns/$ns"
     recorded "etc /etc/netns/$ns" || record "etc /etc/netns/$ns"
     hosts_file "$n" >"/etc/netns/$ns/hosts"
+    # No name server is reachable from a host (the bridge does not route out): one on the host's
+    # own loopback refuses at once, where the machine's would time out every reverse lookup
+    # (c10d looks up each peer that connects to its store: 10 s per lookup at the defaults).
+    printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' >"/etc/netns/$ns/resolv.conf"
     if ! ip link show "$veth" >/dev/null 2>&1; then
         ip link add "$veth" type veth peer name eth0 netns "$ns"
         record "link $veth"
@@ -188,7 +192,7 @@ start_slurmd() {  # start_slurmd I: slurmd inside host I's namespaces, under its
     # its hosts file is /etc/hosts. (Not `ip netns exec`: it remounts /sys, and slurmd needs the
     # machine's /sys/fs/cgroup.) slurmd daemonizes and keeps all three, and so do its job steps.
     nsenter --net="/run/netns/$ns" -- unshare --uts --mount --propagation private -- \
-        sh -c "mount --bind /etc/netns/$ns/hosts /etc/hosts && hostname $name && exec /usr/sbin/slurmd -f $SLURM_CONF_FILE -N $name"
+        sh -c "mount --bind /etc/netns/$ns/hosts /etc/hosts && { [ ! -e /etc/resolv.conf ] || mount --bind /etc/netns/$ns/resolv.conf /etc/resolv.conf; } && hostname $name && exec /usr/sbin/slurmd -f $SLURM_CONF_FILE -N $name"
     wait_for 10 pid_alive "$(slurmd_pidfile "$i")" slurmd || die "slurmd on $name did not start (see $LOG_DIR/slurmd-$name.log)"
     log "slurmd on $name ($(node_addr "$i"), namespace $ns) started (pid $(<"$(slurmd_pidfile "$i")"))"
 }
@@ -209,7 +213,8 @@ cmd_start() {
     local n=${1:-3}
     [[ $n =~ ^[1-9]$ ]] || die "the number of hosts must be 1..9, not '$n'"
     "$HERE/local_slurm.sh" install >/dev/null
-    "$HERE/local_slurm.sh" munge
+    local munge_out; munge_out=$("$HERE/local_slurm.sh" munge); echo "$munge_out"
+    if [[ $munge_out == *"munged started"* ]]; then record "munged started"; fi
     export_conf
     local t0=$SECONDS old; old=$(hosts_configured || true)
     if [[ -n $old && $old != "$n" ]] && { pid_alive "$CTLD_PID" slurmctld || [[ -s $STATE_FILE ]]; }; then
@@ -279,6 +284,7 @@ cmd_stop() {
             etc) rm -rf -- "$what" ;;
         esac
     done
+    if grep -qxF "munged started" "$STATE_FILE"; then "$HERE/local_slurm.sh" stop-munge; fi
     rm -f "$STATE_FILE"
     log "removed every namespace, link and daemon it created"
 }

@@ -38,7 +38,7 @@ def main() -> None:
                     out = Path(d) / "out.json"
                     run_ranks([PY, WORKER, str(out), "--zero", zero, "--micro-batches", str(m)], world, REPO,
                               log_dir=d, timeout=600)
-                    got = json.loads(out.read_text())
+                    got = json.loads(out.read_text())[zero]
                 pred_state = state_bytes(numels, zero, world)
                 pred_comm = comm_bytes(numels, zero, world, m)
                 row = {"zero": zero, "ranks": world, "micro_batches": m,

@@ -33,7 +33,7 @@ HOSTS_SCRIPT = REPO / "cluster" / "local_slurm_hosts.sh"
 CONF = "/etc/slurm-hnet-hosts/slurm.conf"
 JOBCOMP = Path("/var/log/hnet-hosts/jobcomp.log")
 ADDR = {"hnet1": "10.213.7.11", "hnet2": "10.213.7.12", "hnet3": "10.213.7.13"}
-STEPS = (12, 24, 44)  # where each of the three jobs ends
+STEPS = (8, 16, 30)  # where each of the three jobs ends
 OPTS = ["--time=10", "--signal=USR1@20", "--job-name=hnet-multihost-test"]
 
 
@@ -72,7 +72,7 @@ def hosts():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """~250 KB of seeded random text as 260 documents in ~8 shards: the jobs read about 180 KB of it,
+    """~250 KB of seeded random text as 260 documents in ~8 shards: the jobs read about 130 KB of it,
     so the whole run stays in its first epoch. Returns (train index.json, every document's key)."""
     root = tmp_path_factory.mktemp("multihost_corpus")
     docs = root / "docs"
@@ -235,7 +235,6 @@ def test_host_death_requeues_on_the_remaining_hosts(hosts, corpus, run):
     ended_in = slurm_seconds(first["EndTime"]) - killed_at
     assert ended_in < 120, f"the attempt ended {ended_in:.0f} s after the host died:\n{log}"
     assert "Exited with exit code 1" in log and "DUE TO NODE FAILURE" in log, log
-    assert "the ranks failed (srun exit status 1)" in log, log
     m = re.search(r"restart 1, nodes (\S+), 2 tasks; .* latest checkpoint step (\d+)", log)
     assert m, log
     resumed = int(m[2])
