@@ -10,6 +10,7 @@
 #   cluster/local_slurm.sh status    daemons, node state, queue
 #   cluster/local_slurm.sh munge     start munged only (shared with cluster/local_slurm_hosts.sh)
 #   cluster/local_slurm.sh stop-munge  stop munged unless this cluster's daemons run
+#   cluster/local_slurm.sh conf-policy the slurm.conf settings both local clusters share
 #
 # Every command is idempotent. Accounting (slurmdbd + MariaDB, needed by `sacct`) is
 # deliberately not installed: it doubles the install and start time. Finished jobs stay
@@ -79,6 +80,39 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 
 cpu_count() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }
 
+# conf_policy: the settings both local clusters share (this one and cluster/local_slurm_hosts.sh's):
+# daemons' users, munge, a fast requeue, no cgroups, no accounting, the job-completion log's type.
+conf_policy() {
+    cat <<'EOF'
+SlurmUser=slurm
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# A requeued job may only start once the credentials of its previous run expired;
+# 10 s instead of the default 120 s (with the scheduler interval below: a restart about 12 s after).
+AuthInfo=cred_expire=10
+# The scheduler runs every 2 s instead of on SLURM's 60 s (main) and 30 s (backfill) cycles: a
+# requeued job starts once its hold ends (cred_expire), not up to half a minute later.
+SchedulerParameters=sched_interval=2,bf_interval=2
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+# A node that went down (daemon restart) comes back by itself.
+ReturnToService=2
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/filetxt
+# Finished jobs stay visible to 'scontrol show job' for 10 min (no sacct here).
+MinJobAge=600
+# Seconds between SIGTERM and SIGKILL when a job or step is killed: short, so that a
+# failing rank ends the job quickly.
+KillWait=5
+InactiveLimit=0
+EOF
+}
+
 # write_conf: (re)writes slurm.conf; returns 1 when it was already up to date.
 write_conf() {
     if [[ -e $SLURM_CONF_FILE ]] && ! grep -qF "$CONF_MARK" "$SLURM_CONF_FILE"; then
@@ -93,39 +127,14 @@ $CONF_MARK
 # A one-node cluster: node "localhost" with all $cpus CPUs, one partition "debug".
 ClusterName=hnetlocal
 SlurmctldHost=localhost
-SlurmUser=slurm
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-# A requeued job may only start once the credentials of its previous run expired;
-# 10 s instead of the default 120 s makes a requeue restart in about 20 s.
-AuthInfo=cred_expire=10
-# The scheduler runs every 2 s instead of on SLURM's 60 s (main) and 30 s (backfill) cycles: a
-# requeued job starts once its hold ends (cred_expire), not up to half a minute later.
-SchedulerParameters=sched_interval=2,bf_interval=2
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-# A node that went down (daemon restart) comes back by itself.
-ReturnToService=2
+$(conf_policy)
 StateSaveLocation=$SPOOL_CTLD
 SlurmdSpoolDir=$SPOOL_D
 SlurmctldPidFile=$CTLD_PID
 SlurmdPidFile=$SLURMD_PID
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/filetxt
 JobCompLoc=$JOBCOMP_LOG
-# Finished jobs stay visible to 'scontrol show job' for 10 min (no sacct here).
-MinJobAge=600
-# Seconds between SIGTERM and SIGKILL when a job or step is killed: short, so that a
-# failing rank ends the job quickly.
-KillWait=5
-InactiveLimit=0
 NodeName=localhost CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -228,9 +237,10 @@ case ${1:-} in
     stop) cmd_stop ;;
     status) cmd_status ;;
     munge) need_root; start_munge ;;
+    conf-policy) conf_policy ;;
     stop-munge)  # only when this cluster's daemons are not running (they need it)
         need_root
         if pid_alive "$CTLD_PID" slurmctld || pid_alive "$SLURMD_PID" slurmd; then log "munged kept: the single-node cluster runs"
         else stop_one "$MUNGE_PID" munged; fi ;;
-    *) echo "usage: $0 install|start|stop|status|munge|stop-munge" >&2; exit 2 ;;
+    *) echo "usage: $0 install|start|stop|status|munge|stop-munge|conf-policy" >&2; exit 2 ;;
 esac

@@ -91,20 +91,7 @@ ClusterName=hnethosts
 SlurmctldHost=$(ctl_host)($NET.1)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=6818
-SlurmUser=slurm
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=cred_expire=10
-# The scheduler runs every 2 s instead of on SLURM's 60 s (main) and 30 s (backfill) cycles: a
-# requeued job starts once its hold ends (cred_expire), not up to half a minute later.
-SchedulerParameters=sched_interval=2,bf_interval=2
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
+$("$HERE/local_slurm.sh" conf-policy)
 SlurmdTimeout=$SLURMD_TIMEOUT_S
 StateSaveLocation=$SPOOL/ctld
 # %n: every slurmd has its own spool directory, pid file and log.
@@ -113,13 +100,7 @@ SlurmdPidFile=$RUN_DIR/slurmd-%n.pid
 SlurmdLogFile=$LOG_DIR/slurmd-%n.log
 SlurmctldPidFile=$CTLD_PID
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/filetxt
 JobCompLoc=$JOBCOMP_LOG
-MinJobAge=600
-KillWait=5
-InactiveLimit=0
 EOF
         for ((i = 1; i <= n; i++)); do
             echo "NodeName=$(node_name "$i") NodeAddr=$(node_addr "$i") CPUs=$cpus State=UNKNOWN"
