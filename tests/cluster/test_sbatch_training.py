@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,24 @@ def test_failing_rank_fails_the_job_quickly(slurm_cluster, tiny_shards, workdir,
     assert ran_for < 120, f"the job took {ran_for:.0f} s to fail:\n{log}"
     # No checkpoint of step 2 or later became `latest`.
     assert not (run_dir / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.timeout(300)
+def test_scancel_is_not_undone_by_a_requeue(slurm_cluster, tiny_shards, workdir):
+    # scancel sends SIGTERM to the ranks and the batch shell: the ranks checkpoint and exit 0, and
+    # the script must not take that for a preemption and requeue the cancelled job.
+    job, run_dir, out, _ = submit(workdir, "cancelled", train_index=tiny_shards)
+    log_file = run_dir / "train_log.jsonl"
+    wait_for(lambda: log_file.exists() and len(log_file.read_text().splitlines()) >= 2, timeout=180,
+             what=f"job {job} to train 2 steps ({out})")
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    info = wait_for_job(job, timeout=120, output=out)
+    time.sleep(3)  # a requeue would show within the scheduler's 2 s cycle
+    info = wait_for_job(job, timeout=30, output=out)
+    log = tail(out)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log
+    assert jobcomp_states(job) == ["CANCELLED"], log
+    assert "requeueing" not in log.replace("not requeueing", ""), log
 
 
 @pytest.mark.timeout(300)
