@@ -3,18 +3,26 @@
 Other ranks get a tracker whose methods do nothing, so the loop calls it unconditionally and
 only rank 0 ever opens the store (a fresh SQLite database migrates its schema once, from one
 process). Metrics are buffered and sent every `flush_every` steps, before every checkpoint and
-at exit. `seconds` accumulates the wall time spent inside the tracker (the cost reported as a
-share of step time).
+at exit. `seconds` accumulates the wall time the training loop spends inside the tracker (the
+cost reported as a share of step time).
 
-Tracking never stops training. A failed send (a server that went away, "database is locked"
-when several jobs share one SQLite file, a removed file) keeps the buffer and is retried at a
-later flush after a backoff (1, 2, 4 ... 60 s, never sleeping in the loop); after
-`tracking.max_failures` failures in a row, or when the store cannot be opened at start, the run
-goes on offline: every metric, param and tag from then on is appended to
-RUN_DIR/unsent_metrics.jsonl, which `python -m pretrain.tracking replay RUN_DIR` sends later
-(into the same MLflow run when its id is known). The default store stays one SQLite file in the
-working directory, so that the runs of a project compare in one place; jobs that share it wait
-for its lock and, past SQLite's timeout, retry as above.
+Tracking never stops training, and the steps do not wait for the store. Rank 0's calls only
+queue work: one
+sender thread talks to the store, in order, while the steps go on. A store that blocks (SQLite
+holds a locked database for 20 s per write before MLflow gives up; a slow server) blocks that
+thread, not the loop. The one wait is before a checkpoint: the metrics up to it should be in the
+store by the time the checkpoint exists (a run resumed after a SIGKILL logs only the steps after
+it), so the loop waits there for sends in progress, but never for a store that is failing.
+
+A failed send (a server that went away, "database is locked" when several jobs share one SQLite
+file, a removed file) keeps the metrics queued and is retried after a backoff (1, 2, 4 ... 60 s);
+after `tracking.max_failures` failures in a row, at the end of a run whose last send failed, or
+when the store cannot be opened at start, the run goes on offline: every metric, param and tag
+from then on is appended to RUN_DIR/unsent_metrics.jsonl, which
+`python -m pretrain.tracking replay RUN_DIR` sends later (into the same MLflow run when its id
+is known). The default store stays one SQLite file in the working directory, so that the runs
+of a project compare in one place; jobs that share it wait for its lock and, past SQLite's
+timeout, retry as above.
 """
 from __future__ import annotations
 
@@ -23,7 +31,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from importlib import metadata
 
 from pretrain.config import flatten
@@ -36,6 +46,8 @@ BATCH_LIMIT = 1000  # metrics per log_batch call accepted by MLflow
 UNSENT_FILE = "unsent_metrics.jsonl"
 MAX_BACKOFF_S = 60.0
 OPEN_ATTEMPTS = 3  # tries to open the store at start (1 s, 2 s apart) before training offline
+FLUSH_WAIT_S = 120.0  # before a checkpoint, how long to wait for a send in progress (MLflow's HTTP timeout)
+FINISH_WAIT_S = 300.0  # at the end, how long to wait for a send in progress before keeping the rest offline
 
 
 def default_tracking_uri(config_uri: str = "") -> str:
@@ -87,8 +99,11 @@ class NullTracker:
     def log(self, metrics: dict, step: int) -> None:
         pass
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
         pass
+
+    def wait_sent(self, timeout: float = 0.0) -> bool:
+        return True
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
@@ -152,12 +167,25 @@ class MlflowTracker(NullTracker):
         tags.update({f"restart_{restarts}.{k}": v for k, v in list(tags.items())})
         if tags:
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        self._buffer: list = []
+        self._buffer: list = []  # metrics logged since the last flush, not yet handed to the sender
         self._last_step = None
         self._steps_buffered = 0
-        self._failures, self._retry_at = 0, 0.0
+        self._init_sender()
+        self._sender = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+        self._sender.start()
         self.seconds = time.perf_counter() - t0
         self.setup_seconds = self.seconds
+
+    def _init_sender(self) -> None:
+        # Shared with the sender thread, under `_cv`: the queue of store operations (in order), whether
+        # one is being sent, consecutive failures and when to retry, and whether the run is ending.
+        self._cv = threading.Condition()
+        self._queue: deque[_Op] = deque()
+        self._in_flight = False
+        self._failures, self._retry_at = 0, 0.0
+        self._closing = False
+        self._sender: threading.Thread | None = None
+        self._sender_gone = False
 
     # ---------------------------------------------------------------- params / artifacts
     def log_params(self, params: dict) -> None:
@@ -173,15 +201,15 @@ class MlflowTracker(NullTracker):
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-        self._safely("logging params", send, {"kind": "params", "params": flat})
+        self._call("logging params", send, {"kind": "params", "params": flat})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         tags = {k: str(v)[:MAX_PARAM_LEN] for k, v in tags.items()}
-        self._safely("setting tags", lambda: self.client.log_batch(
+        self._call("setting tags", lambda: self.client.log_batch(
             self.run_id, tags=[self._RunTag(k, v) for k, v in tags.items()]), {"kind": "tags", "tags": tags})
 
     def log_artifact_text(self, name: str, text: str) -> None:
-        self._safely(f"logging artifact {name}", lambda: self.client.log_text(self.run_id, text, name))
+        self._call(f"logging artifact {name}", lambda: self.client.log_text(self.run_id, text, name))
 
     # ---------------------------------------------------------------- metrics
     def log(self, metrics: dict, step: int) -> None:
@@ -198,67 +226,169 @@ class MlflowTracker(NullTracker):
         if self._steps_buffered >= self.flush_every or (self.offline is not None and self._buffer):
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
+        """Hands the buffered metrics to the sender; with `wait` (before a checkpoint), also waits
+        until they are sent (see `wait_sent`)."""
         t0 = time.perf_counter()
-        try:
-            if self.offline is not None:
-                self._spill()
-                return
-            if self._buffer and time.monotonic() < self._retry_at:
-                return  # backing off after a failure: the buffer waits for a later flush
-            while self._buffer:
-                self.client.log_batch(self.run_id, metrics=self._buffer[:BATCH_LIMIT])
-                del self._buffer[:BATCH_LIMIT]
-            self._failures, self._steps_buffered = 0, 0
-        except Exception as e:  # any store error: tracking must not stop training
-            self._failed(e)
-        finally:
-            self.seconds += time.perf_counter() - t0
+        with self._cv:
+            if self._buffer:
+                self._enqueue(_Op("metrics", metrics=self._buffer))
+            self._buffer, self._steps_buffered = [], 0
+        self.seconds += time.perf_counter() - t0
+        if wait:
+            self.wait_sent()
 
-    def _failed(self, e: Exception) -> None:
+    def wait_sent(self, timeout: float = FLUSH_WAIT_S) -> bool:
+        """Waits until everything queued so far is in the store; True if it is. Returns False at
+        once when the store is failing (a send waits for its retry, or tracking went offline), and
+        after `timeout` when a send does not return."""
+        t0 = time.perf_counter()
+        with self._cv:
+            done = self._cv.wait_for(lambda: self.offline is not None or self._failures > 0 or self._sender_gone
+                                     or not (self._queue or self._in_flight), timeout)
+            sent = done and self.offline is None and not self._failures and not self._queue and not self._in_flight
+        self.seconds += time.perf_counter() - t0
+        if not done:
+            self.warn(f"[tracking] warning: a send to {self.uri} has not returned after {timeout:.0f} s; training "
+                      f"goes on, the metrics stay queued")
+        return sent
+
+    def _call(self, what: str, fn, offline_record: dict | None = None) -> None:
+        """A param, tag or artifact call: sent in order with the metrics; a failure is reported and
+        its record kept for a replay, but not retried."""
+        t0 = time.perf_counter()
+        with self._cv:
+            self._enqueue(_Op(what, fn=fn, record=offline_record))
+        self.seconds += time.perf_counter() - t0
+
+    def _enqueue(self, op: _Op) -> None:  # holding _cv
+        if self.offline is not None:
+            self._spill(op)
+        else:
+            self._queue.append(op)
+            self._cv.notify_all()
+
+    # ---------------------------------------------------------------- the sender thread
+    def _send_loop(self) -> None:
+        try:
+            self._send_all()
+        except BaseException as e:  # a defect here must not hang a checkpoint that waits for a send
+            self.warn(f"[tracking] warning: the MLflow sender stopped ({type(e).__name__}: {e}); tracking goes "
+                      f"offline")
+            with self._cv:
+                if self.offline is None:
+                    self.go_offline(f"the sender stopped: {type(e).__name__}")
+        finally:
+            with self._cv:
+                self._sender_gone = True
+                self._cv.notify_all()
+
+    def _send_all(self) -> None:
+        while True:
+            with self._cv:
+                op = self._next_op()
+                if op is None:
+                    return
+                self._in_flight = True
+                batch = op.metrics[:BATCH_LIMIT] if op.metrics is not None else None
+            error = None
+            try:
+                if batch is not None:
+                    self.client.log_batch(self.run_id, metrics=batch)
+                else:
+                    op.fn()
+            except Exception as e:  # any store error: tracking must not stop training
+                error = e
+            with self._cv:
+                self._in_flight = False
+                self._sent(op, batch, error)
+                self._cv.notify_all()
+
+    def _next_op(self) -> _Op | None:
+        """Waits (holding _cv) for the next operation to send; None once the run has ended."""
+        while True:
+            if self.offline is not None or not self._queue:
+                if self._closing:
+                    return None
+                self._cv.wait()
+                continue
+            wait = self._retry_at - time.monotonic()
+            if self._failures and wait > 0:
+                if self._closing:  # the last chance to send has gone: keep what did not go
+                    self.go_offline("the final send failed")
+                    return None
+                self._cv.wait(wait)
+                continue
+            return self._queue[0]
+
+    def _sent(self, op: _Op, batch: list | None, error: Exception | None) -> None:  # holding _cv
+        if self.offline is not None:  # finish gave up waiting for this send and spilled the queue, this op too
+            return
+        if batch is None:  # a param, tag or artifact call
+            self._queue.popleft()
+            if error is not None:
+                self.warn(f"[tracking] warning: {op.what} failed ({type(error).__name__}: {str(error)[:200]}); "
+                          f"training goes on")
+                if op.record:
+                    OfflineLog(self.run_dir, self.run_id, self.uri).write(op.record)
+            return
+        if error is None:
+            del op.metrics[:len(batch)]
+            if not op.metrics:
+                self._queue.popleft()
+            self._failures = 0
+            return
         self._failures += 1
         backoff = min(MAX_BACKOFF_S, 2.0 ** (self._failures - 1))
         self._retry_at = time.monotonic() + backoff
-        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        msg = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         if self._failures >= self.max_failures:
             self.go_offline(f"{self._failures} failed sends in a row, the last: {msg}")
         else:
-            self.warn(f"[tracking] warning: sending metrics to {self.uri} failed ({msg}); {len(self._buffer)} "
-                      f"kept, retry in {backoff:.0f} s ({self._failures}/{self.max_failures})")
+            queued = sum(len(o.metrics) for o in self._queue if o.metrics is not None)
+            self.warn(f"[tracking] warning: sending metrics to {self.uri} failed ({msg}); {queued} kept, retry in "
+                      f"{backoff:.0f} s ({self._failures}/{self.max_failures})")
 
-    def go_offline(self, why: str) -> None:
+    def go_offline(self, why: str) -> None:  # holding _cv
         """From now on everything goes to RUN_DIR/unsent_metrics.jsonl (replay it later)."""
         self.offline = OfflineLog(self.run_dir, self.run_id, self.uri)
         self.warn(f"[tracking] warning: MLflow tracking is offline for the rest of this run ({why}); metrics go to "
                   f"{self.offline.path}: send them later with python -m pretrain.tracking replay {self.run_dir}")
-        self._spill()
+        while self._queue:
+            self._spill(self._queue.popleft())
+        self._cv.notify_all()
 
-    def _spill(self) -> None:
-        self.offline.metrics(self._buffer)
-        self._buffer, self._steps_buffered = [], 0
-
-    def _safely(self, what: str, fn, offline_record: dict | None = None) -> None:
-        """A param, tag or artifact call that must not stop training either."""
-        t0 = time.perf_counter()
-        try:
-            if self.offline is not None:
-                if offline_record:
-                    self.offline.write(offline_record)
-                return
-            fn()
-        except Exception as e:
-            self.warn(f"[tracking] warning: {what} failed ({type(e).__name__}: {str(e)[:200]}); training goes on")
-            if offline_record:
-                OfflineLog(self.run_dir, self.run_id, self.uri).write(offline_record)
-        finally:
-            self.seconds += time.perf_counter() - t0
+    def _spill(self, op: _Op) -> None:  # holding _cv, offline
+        if op.metrics is not None:
+            self.offline.metrics(op.metrics)
+        elif op.record:
+            self.offline.write(op.record)
 
     def finish(self, status: str = "FINISHED") -> None:
+        """Sends what is queued and ends the MLflow run; what cannot be sent is kept offline."""
+        t0 = time.perf_counter()
         self.flush()
-        if self._buffer and self.offline is None:  # the last chance to send: keep what did not go
-            self.go_offline("the final send failed")
-        self._safely("ending the MLflow run", lambda: self.client.set_terminated(self.run_id, status=status),
-                     {"kind": "status", "status": status})
+        self._call("ending the MLflow run", lambda: self.client.set_terminated(self.run_id, status=status),
+                   {"kind": "status", "status": status})
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self._sender is not None:
+            self._sender.join(FINISH_WAIT_S)
+        with self._cv:
+            if self._queue and self.offline is None:  # a send that does not return, or a second finish
+                self.go_offline(f"a send still had not returned after {FINISH_WAIT_S:.0f} s"
+                                if self._sender is not None and self._sender.is_alive() else "the sender had ended")
+        self.seconds += time.perf_counter() - t0
+
+
+class _Op:
+    """One store operation: a list of metrics (sent BATCH_LIMIT at a time, retried) or a call."""
+
+    __slots__ = ("what", "metrics", "fn", "record")
+
+    def __init__(self, what: str, metrics: list | None = None, fn=None, record: dict | None = None):
+        self.what, self.metrics, self.fn, self.record = what, metrics, fn, record
 
 
 def _param_str(v) -> str:
@@ -339,7 +469,7 @@ class OfflineTracker(MlflowTracker):
         self.run_id = run_id  # None for a new run: replay creates it
         self.resumed, self.flush_every = run_id is not None, 1
         self._buffer, self._last_step, self._steps_buffered = [], None, 0
-        self._failures, self._retry_at = 0, 0.0
+        self._init_sender()  # no thread: with `offline` set, every call writes to the unsent file
         self.seconds = self.setup_seconds = 0.0
         self.offline = OfflineLog(run_dir, run_id, uri)
         self.offline.write({"kind": "open", "experiment": experiment, "resume_step": resume_step,

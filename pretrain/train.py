@@ -343,7 +343,7 @@ class Trainer:
         every = self.cfg.checkpoint.every
         if (every and step % every == 0) or step == self.cfg.train.steps or signalled or stopped:
             self.save_checkpoint(step)
-        self.faults.after_checkpoint(step, self.tracker.flush)
+        self.faults.after_checkpoint(step, lambda: self.tracker.flush(wait=True))
         if stopped:
             self.log(f"STOP file found in {self.cfg.run_dir}: stopping for good at step {step}")
             return STATUS_STOPPED
@@ -353,8 +353,8 @@ class Trainer:
         return None
 
     def save_checkpoint(self, step: int) -> None:
-        t0 = time.perf_counter()
-        self.tracker.flush()
+        self.tracker.flush(wait=True)  # the steps up to this checkpoint are in the store before it exists
+        t0 = time.perf_counter()  # (that wait counts as tracking time, not checkpoint time)
         cfg, info = self.cfg, self.info
         meta = {"step": step, "bytes_seen": self.state.bytes_seen, "world_size": info.world_size,
                 "engine": cfg.train.engine, "model": self.model_cfg.to_dict(), "config_hash": cfg.hash(),

@@ -77,10 +77,11 @@ def test_mlflow_tracker_buffers_and_resumes_run(tmp_path, monkeypatch):
     t.log_artifact_text("config.yaml", "a: 1\n")
     for step in range(1, 8):
         t.log({"train/loss": 1.0 / step, "train/compression/stage0": 4.0}, step)
-    # 5 steps flushed by count, 2 still buffered
+    # 5 steps handed to the sender by count, 2 still buffered
+    assert t.wait_sent()
     hist = t.client.get_metric_history(t.run_id, "train/loss")
     assert [m.step for m in hist] == [1, 2, 3, 4, 5]
-    t.flush()
+    t.flush(wait=True)
     assert len(t.client.get_metric_history(t.run_id, "train/loss")) == 7
     t.finish("KILLED")
     run_id = t.run_id
