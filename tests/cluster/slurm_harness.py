@@ -108,16 +108,21 @@ def tail(path: Path | None, n: int = 6000) -> str:
     return "\n".join(lines)[-n:]
 
 
-def jobcomp_states(job_id: str, log: Path = JOBCOMP_LOG) -> list[str]:
-    """Every end of the job (each requeue and the final end) recorded by jobcomp/filetxt."""
+def jobcomp_records(job_id: str, log: Path = JOBCOMP_LOG) -> list[dict[str, str]]:
+    """Every end of the job (each requeue and the final end) recorded by jobcomp/filetxt, as its
+    KEY=VALUE fields."""
     if not log.exists():
         return []
     out = []
     for line in log.read_text(errors="replace").splitlines():
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
         if fields.get("JobId") == job_id:
-            out.append(fields.get("JobState", "?"))
+            out.append(fields)
     return out
+
+
+def jobcomp_states(job_id: str, log: Path = JOBCOMP_LOG) -> list[str]:
+    return [r.get("JobState", "?") for r in jobcomp_records(job_id, log)]
 
 
 def slurm_seconds(stamp: str) -> float:

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.slurm_harness import (REPO, SBATCH_SCRIPT, TINY, job_env, jobcomp_states, run_script, sbatch,
-                                         slurm_seconds, tail, wait_for, wait_for_job, why_no_local_slurm)
+from tests.cluster.slurm_harness import (REPO, SBATCH_SCRIPT, TINY, job_env, jobcomp_records, jobcomp_states,
+                                         run_script, sbatch, slurm_seconds, tail, wait_for, wait_for_job,
+                                         why_no_local_slurm)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -230,7 +231,7 @@ def test_host_death_requeues_on_the_remaining_hosts(hosts, corpus, run):
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     # The peers of the dead host's rank fail at once; SLURM declares the node down (SlurmdTimeout)
     # and requeues the job itself: that attempt ended as NODE_FAIL, within 2 minutes of the death.
-    first, second = jobcomp_records(job)
+    first, second = jobcomp_records(job, JOBCOMP)
     assert (first["JobState"], second["JobState"]) == ("NODE_FAIL", "COMPLETED"), log
     ended_in = slurm_seconds(first["EndTime"]) - killed_at
     assert ended_in < 120, f"the attempt ended {ended_in:.0f} s after the host died:\n{log}"
@@ -248,15 +249,6 @@ def test_host_death_requeues_on_the_remaining_hosts(hosts, corpus, run):
     _, mrun = mlflow_run(run)
     assert mrun.data.tags["restart_4.slurm.nodelist"] == "hnet[1,3]" and mrun.info.status == "FINISHED"
     print(f"host death: the attempt ended {ended_in:.0f} s after the kill; resumed from step {resumed}")
-
-
-def jobcomp_records(job: str) -> list[dict[str, str]]:
-    out = []
-    for line in JOBCOMP.read_text(errors="replace").splitlines():
-        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-        if fields.get("JobId") == job:
-            out.append(fields)
-    return out
 
 
 def node_states() -> list[str]:
