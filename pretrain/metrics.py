@@ -104,6 +104,8 @@ class StepReporter:
         metrics = self.metrics.step(res, batch, lr, step_time, bytes_seen)
         self.tracker.log(metrics, step)
         record = TrainMetrics.record(step, res, lr, batch, step_time)
+        if "perf/mfu" in metrics:  # the run's figures readable without MLflow, too
+            record["mfu"] = metrics["perf/mfu"]
         if self.log_keys:  # a collective: every rank takes part
             gathered = all_gather_object([k for mb in batch.micro_batches if mb is not None for k in mb.keys])
             record["keys"] = sorted(k for ks in gathered for k in ks)

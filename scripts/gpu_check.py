@@ -98,44 +98,127 @@ def check_model(torch, device, report):
     return ok
 
 
-def throughput(torch, device, report):
-    from pretrain.model import HNetConfig, HNetForCausalLM
+def text_documents(n_bytes: int, doc_len: int) -> list[bytes]:
+    """Real text for the throughput rows (an untrained router chunks random bytes unlike text):
+    Python's own standard library sources, cut into documents of doc_len bytes."""
+    import inspect
+    import json as json_mod
+
+    root = Path(inspect.getfile(json_mod)).parents[1]
+    data = bytearray()
+    for f in sorted(root.glob("*.py")):
+        data += f.read_bytes()
+        if len(data) >= n_bytes:
+            break
+    data = bytes(data) * (n_bytes // max(1, len(data)) + 1)
+    return [data[i:i + doc_len] for i in range(0, n_bytes, doc_len)]
+
+
+class _Batch:
+    """The part of a data_pipeline step that a step executor reads."""
+
+    def __init__(self, micro_batches):
+        self.micro_batches = micro_batches
+        self.global_targets = sum(mb.n_targets for mb in micro_batches)
+        self.global_bytes = sum(mb.n_bytes for mb in micro_batches)
+
+
+THROUGHPUT_CONFIGS = {  # name -> model config (a bench dict or a public-style JSON fixture)
+    "tiny": "bench:tiny", "small": "bench:small", "hnet_1stage_L": "tests/fixtures/hnet_1stage_L.json",
+    "hnet_2stage_L": "tests/fixtures/hnet_2stage_L.json",
+}
+
+
+def throughput(torch, device, report, budget_s: float = 240.0, configs=None, micro_batches: int = 4,
+               row_bytes: int = 8192, doc_len: int = 2048, reps: int = 3):
+    """Training steps as the trainer takes them (parallel.step.PlainStep: fp32 parameters, bf16
+    autocast on CUDA, fused AdamW, gradient clipping) on packed 8 KB rows of text: bytes/s and
+    MFU of each H-Net config and of a FLOP-matched isotropic Transformer, with the share of the
+    step the GPU was busy (the rest: host syncs, launches, Python). Configs run largest-last and
+    are skipped once `budget_s` is spent."""
+    from data_pipeline.packer import Piece, pack_row
+    from parallel.step import PlainStep
+    from pretrain.metrics import peak_tflops
+    from pretrain.model import HNetConfig, HNetForCausalLM, flops_per_byte, stage_compression
     from tests.bench.bench_model import CONFIGS, isotropic_match
 
-    out = {}
-    n_docs, doc_len = 8, 2048  # SDPA with a packed mask is O(T^2) without flash-attn
-    ids = torch.randint(0, 256, (1, n_docs * doc_len), device=device)
-    cu = (torch.arange(n_docs + 1, dtype=torch.int32) * doc_len).to(device)
-    for name in ("small",):
-        config = HNetConfig.from_dict(CONFIGS[name])
-        for label, cfg, fused in (("hnet_fused", config, True), ("hnet_pure", config, False),
-                                  ("isotropic_transformer", isotropic_match(config, config.ratio_targets, doc_len), True)):
-            torch.manual_seed(0)
-            model = HNetForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
-            for m in model.modules():
-                if hasattr(m, "residual_proj"):
-                    m.residual_proj.float()
-            if not fused:
-                os.environ["HNET_DISABLE_FUSED"] = "1"
+    cuda = device == "cuda"
+    precision = "bf16" if cuda else "fp32"
+    peak, peak_source = peak_tflops(torch.cuda.get_device_name(0), precision) if cuda else (0.0, "cpu: no MFU")
+    per_row = max(1, row_bytes // doc_len)  # documents of doc_len positions (BOS + bytes) fill a row
+    docs = text_documents(micro_batches * per_row * (doc_len - 1), doc_len - 1)
+    rows = [pack_row([Piece(f"t:{i}-{j}", docs[i * per_row + j]) for j in range(per_row)], capacity=row_bytes)
+            for i in range(micro_batches)]
+    batch = _Batch(rows)
+    out = {"precision": precision, "peak_tflops": peak, "peak_source": peak_source,
+           "step_bytes": int(batch.global_bytes), "micro_batches": micro_batches}
+    t_start = time.perf_counter()
+    for name in configs or [n for n in THROUGHPUT_CONFIGS if n != "tiny"]:
+        spec = THROUGHPUT_CONFIGS.get(name, name)
+        config = (HNetConfig.from_dict(CONFIGS[spec[len("bench:"):]]) if spec.startswith("bench:")
+                  else HNetConfig.from_json(ROOT / spec))
+        for label, cfg in (("hnet", config), ("isotropic_transformer",
+                                               isotropic_match(config, config.ratio_targets, doc_len))):
+            key = f"{name}/{label}"
+            if time.perf_counter() - t_start > budget_s:
+                out[key] = {"skipped": f"time budget of {budget_s:.0f} s spent"}
+                continue
+            try:
+                out[key] = _time_steps(torch, device, cfg, batch, peak, reps, PlainStep, HNetForCausalLM,
+                                       flops_per_byte, stage_compression, doc_len)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it, go on with the next
+                out[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+        h, t = out.get(f"{name}/hnet", {}), out.get(f"{name}/isotropic_transformer", {})
+        if "bytes_per_s" in h and "bytes_per_s" in t:
+            out[f"{name}/time_per_byte_hnet_over_isotropic"] = t["bytes_per_s"] / h["bytes_per_s"]
+    report["throughput_train_step"] = out
 
-            def step():
-                o = model(ids, cu_seqlens=cu, labels=ids)
-                (o.loss + o.ratio_loss).backward()
 
-            for _ in range(2):
-                step()
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            reps = 5
-            for _ in range(reps):
-                step()
-            torch.cuda.synchronize()
-            dt = (time.perf_counter() - t) / reps
-            os.environ.pop("HNET_DISABLE_FUSED", None)
-            out[f"{name}/{label}"] = {"bytes_per_s": ids.numel() / dt, "step_s": dt,
-                                      "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
-            torch.cuda.reset_peak_memory_stats()
-    report["throughput_bf16_fwd_bwd"] = out
+def _time_steps(torch, device, cfg, batch, peak, reps, PlainStep, HNetForCausalLM, flops_per_byte,
+                stage_compression, doc_len):
+    cuda = device == "cuda"
+    torch.manual_seed(0)
+    model = HNetForCausalLM(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    ex = PlainStep(model, opt, n_stages=cfg.num_stages, grad_clip=1.0, device=device,
+                   autocast_dtype=torch.bfloat16 if cuda else None)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(2):  # warm-up: kernel autotuning, allocator
+        res = ex.train_step(batch)
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        res = ex.train_step(batch)
+    sync()
+    dt = (time.perf_counter() - t) / reps
+    bps = batch.global_bytes / dt
+    ratios = stage_compression(list(res.compression)) if cfg.num_stages else []
+    fpb = flops_per_byte(cfg, ratios, doc_len)
+    r = {"params": sum(p.numel() for p in model.parameters()), "layout": json.dumps(cfg.arch_layout),
+         "step_s": dt, "bytes_per_s": bps, "flops_per_byte": fpb, "tflops_per_s": fpb * bps / 1e12,
+         "bytes_per_chunk": list(res.compression), "loss": res.loss}
+    if peak:
+        r["mfu"] = fpb * bps / (peak * 1e12)
+    if cuda:
+        r["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        r["gpu_busy_share"] = _gpu_busy_share(torch, ex, batch, dt)
+    del ex, opt, model
+    return r
+
+
+def _gpu_busy_share(torch, ex, batch, step_s: float) -> float:
+    """Share of one step's wall time that the GPU spent in kernels (torch.profiler); the rest is
+    the GPU waiting on the host: synchronisations, kernel launches, Python."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ex.train_step(batch)
+        torch.cuda.synchronize()
+    busy_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return busy_us / 1e6 / step_s
 
 
 def check_attention(torch, device, report):
@@ -219,26 +302,44 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--mamba-src", default=None)
+    ap.add_argument("--device", default="cuda", help="cpu: a quick run of the same code on tiny sizes (no kernels "
+                                                      "to compare there), to check the script itself")
+    ap.add_argument("--throughput-budget-s", type=float, default=240.0)
+    ap.add_argument("--train", nargs=argparse.REMAINDER, default=None,
+                    help="instead of the checks: run python -m pretrain.train with these arguments, mamba_ssm's "
+                         "Triton kernels loaded from --mamba-src")
     args = ap.parse_args()
     load_mamba_triton(args.mamba_src)
+    if args.train is not None:
+        import runpy
+
+        sys.argv = ["pretrain.train", *args.train]
+        runpy.run_module("pretrain.train", run_name="__main__", alter_sys=True)
+        return
     import torch
 
     from pretrain.model import kernels
 
-    device = "cuda"
-    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0),
-              "fused_available": kernels.available(), "kernels": kernels.status("cuda")}
-    ok = check_ssd(torch, device, report)
-    ok &= check_model(torch, device, report)
-    ok &= check_attention(torch, device, report)
-    try:
-        check_syncs(torch, device, report)
-    except Exception as e:  # noqa: BLE001 - a figure; it must not hide the equivalence results
-        report["host_syncs_error"] = repr(e)
-    try:
-        throughput(torch, device, report)
-    except Exception as e:  # noqa: BLE001 - a throughput failure must not hide the equivalence results
-        report["throughput_error"] = repr(e)
+    device = args.device
+    if device == "cpu":
+        report = {"torch": torch.__version__, "device": "cpu", "kernels": kernels.status("cpu")}
+        throughput(torch, device, report, budget_s=args.throughput_budget_s, configs=["tiny"], micro_batches=2,
+                   row_bytes=1024, doc_len=256, reps=1)
+        ok = True
+    else:
+        report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0),
+                  "fused_available": kernels.available(), "kernels": kernels.status("cuda")}
+        ok = check_ssd(torch, device, report)
+        ok &= check_model(torch, device, report)
+        ok &= check_attention(torch, device, report)
+        try:
+            check_syncs(torch, device, report)
+        except Exception as e:  # noqa: BLE001 - a figure; it must not hide the equivalence results
+            report["host_syncs_error"] = repr(e)
+        try:
+            throughput(torch, device, report, budget_s=args.throughput_budget_s)
+        except Exception as e:  # noqa: BLE001 - a throughput failure must not hide the equivalence results
+            report["throughput_error"] = repr(e)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     sys.exit(0 if ok else 1)

@@ -1,0 +1,31 @@
+"""scripts/gpu_check.py only runs where a GPU is lent, rarely: its CPU mode runs the same
+throughput code (the trainer's step executor on packed text rows, the FLOP-matched baseline, the
+MFU arithmetic) on the tiny config, so that the script does not rot between GPU sessions."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_cpu_mode_reports_throughput_of_hnet_and_its_baseline(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--out", str(out)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    tp = report["throughput_train_step"]
+    assert tp["step_bytes"] == 2 * 1024, "two full 1 KB rows of text"
+    hnet, iso = tp["tiny/hnet"], tp["tiny/isotropic_transformer"]
+    assert hnet["bytes_per_s"] > 0 and iso["bytes_per_s"] > 0 and hnet["loss"] == hnet["loss"]
+    assert len(hnet["bytes_per_chunk"]) == 1 and hnet["bytes_per_chunk"][0] > 1.0
+    assert json.loads(iso["layout"])[0].startswith("T"), "the baseline is a Transformer"
+    # achieved FLOP/s = the FLOP estimate at the measured compression x the measured rate
+    assert abs(hnet["tflops_per_s"] / hnet["bytes_per_s"] - hnet["flops_per_byte"] / 1e12) < 1e-9
+    assert tp["tiny/time_per_byte_hnet_over_isotropic"] == iso["bytes_per_s"] / hnet["bytes_per_s"]
+    assert "mfu" not in hnet, "no MFU without a known peak"
