@@ -137,9 +137,8 @@ def throughput(torch, device, report, budget_s: float = 240.0, configs=None, mic
     step the GPU was busy (the rest: host syncs, launches, Python). Configs run largest-last and
     are skipped once `budget_s` is spent."""
     from data_pipeline.packer import Piece, pack_row
-    from parallel.step import PlainStep
     from pretrain.metrics import peak_tflops
-    from pretrain.model import HNetConfig, HNetForCausalLM, flops_per_byte, stage_compression
+    from pretrain.model import HNetConfig
     from tests.bench.bench_model import CONFIGS, isotropic_match
 
     cuda = device == "cuda"
@@ -164,8 +163,7 @@ def throughput(torch, device, report, budget_s: float = 240.0, configs=None, mic
                 out[key] = {"skipped": f"time budget of {budget_s:.0f} s spent"}
                 continue
             try:
-                out[key] = _time_steps(torch, device, cfg, batch, peak, reps, PlainStep, HNetForCausalLM,
-                                       flops_per_byte, stage_compression, doc_len)
+                out[key] = _time_steps(torch, device, cfg, batch, peak, reps, doc_len)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it, go on with the next
                 out[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             if cuda:
@@ -177,8 +175,10 @@ def throughput(torch, device, report, budget_s: float = 240.0, configs=None, mic
     report["throughput_train_step"] = out
 
 
-def _time_steps(torch, device, cfg, batch, peak, reps, PlainStep, HNetForCausalLM, flops_per_byte,
-                stage_compression, doc_len):
+def _time_steps(torch, device, cfg, batch, peak, reps, doc_len):
+    from parallel.step import PlainStep
+    from pretrain.model import HNetForCausalLM, flops_per_byte, stage_compression
+
     cuda = device == "cuda"
     torch.manual_seed(0)
     model = HNetForCausalLM(cfg).to(device)
