@@ -47,6 +47,14 @@ def straight(tmp_path_factory, pipe_shards) -> Path:
 
 
 @pytest.fixture(scope="module")
+def straight_export(straight, tmp_path_factory) -> Path:
+    """The straight run's weights, exported once for the tests that read them."""
+    out = tmp_path_factory.mktemp("pipe_straight_export")
+    exported(straight, out)
+    return out
+
+
+@pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, pipe_shards) -> Path:
     base = tmp_path_factory.mktemp("pipe_interrupted")
     run_dir = base / "run"
@@ -85,21 +93,22 @@ def test_pipeline_trains_and_tracks(straight):
         assert (straight / "checkpoints" / f"step{STEPS:08d}" / f"pipe{stage}").is_dir()
 
 
-def test_exact_resume_after_sigkill(straight, interrupted, tmp_path):
+def test_exact_resume_after_sigkill(straight, straight_export, interrupted, tmp_path):
     a, b = train_losses(straight), train_losses(interrupted)
     for step in range(5, STEPS + 1):
         assert a[step] == b[step], f"step {step}: straight {a[step]!r} vs resumed {b[step]!r}"
-    wa, wb = exported(straight, tmp_path / "a"), exported(interrupted, tmp_path / "b")
+    wa = torch.load(straight_export / "model.pt", weights_only=True)
+    wb = exported(interrupted, tmp_path / "b")
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k} differs after resume"
 
 
-def test_export_loads_into_the_public_model(straight, tmp_path):
+def test_export_loads_into_the_public_model(straight_export):
     from pretrain.model import load_public_checkpoint
 
-    weights = exported(straight, tmp_path / "export")
-    model = load_public_checkpoint(tmp_path / "export" / "model.pt")  # strict: every parameter, both stages
+    weights = torch.load(straight_export / "model.pt", weights_only=True)
+    model = load_public_checkpoint(straight_export / "model.pt")  # strict: every parameter, both stages
     assert set(model.state_dict()) == set(weights)
 
 
@@ -131,7 +140,7 @@ def test_another_pipeline_layout_is_refused(straight, tmp_path, pipe_shards):
     assert "pipeline" in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
-def test_sample_from_a_pipelined_checkpoint(straight, tmp_path):
+def test_sample_from_a_pipelined_checkpoint(straight, straight_export, tmp_path):
     """pretrain.sample consolidates every stage's shards; the result equals the exported model's."""
     import json
 
@@ -142,8 +151,7 @@ def test_sample_from_a_pipelined_checkpoint(straight, tmp_path):
         assert res.returncode == 0, res.stdout + res.stderr
         return [json.loads(line) for line in out.read_text().splitlines()]
 
-    exported(straight, tmp_path / "export")
-    assert sample(straight, tmp_path / "a.jsonl") == sample(tmp_path / "export" / "model.pt", tmp_path / "b.jsonl")
+    assert sample(straight, tmp_path / "a.jsonl") == sample(straight_export / "model.pt", tmp_path / "b.jsonl")
 
 
 def test_signal_to_a_deep_rank_checkpoints_every_stage(tmp_path, pipe_shards):
