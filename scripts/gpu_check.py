@@ -241,8 +241,12 @@ def check_attention(torch, device, report):
     try:
         from torch.nn.attention.varlen import varlen_attn
 
-        impls["torch_varlen_attn"] = lambda: varlen_attn(q, k, v, cu, cu, seqs.max_seqlen, seqs.max_seqlen,
-                                                         window_size=(window, 0))
+        from pretrain.model.kernels import varlen_caller
+
+        attend = varlen_caller(varlen_attn, window)  # the call the model makes
+        if attend is None:
+            raise RuntimeError("this torch's varlen_attn has no window_size")
+        impls["torch_varlen_attn"] = lambda: attend(q, k, v, cu, seqs.max_seqlen, window)
     except Exception as e:  # noqa: BLE001
         out["torch_varlen_attn"] = {"skipped": repr(e)}
     try:

@@ -89,7 +89,7 @@ class CausalMHA(nn.Module):
             cos, sin = rotary_cos_sin(seqs.position_ids, self.rotary_emb_dim, self.rotary_base)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         flash = kernels.flash_varlen_attention(q)  # q's dtype: bf16 under autocast even for an fp32 input
-        varlen = None if flash is not None else kernels.torch_varlen_attention(q)
+        varlen = None if flash is not None else kernels.torch_varlen_attention(q, self.window_size)
         if flash is not None:
             out = flash(torch.stack([q, k, v], dim=1), seqs.cu_seqlens, seqs.max_seqlen, causal=True,
                         window_size=(self.window_size, -1))

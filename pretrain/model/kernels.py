@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
 
 import torch
@@ -60,25 +61,36 @@ def flash_varlen_attention(t: torch.Tensor):
     return getattr(mod, "flash_attn_varlen_qkvpacked_func", None) if mod else None
 
 
-def torch_varlen_attention(t: torch.Tensor):
+def torch_varlen_attention(t: torch.Tensor, window: int = -1):
     """FlashAttention inside torch (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10, CUDA
     only) for when flash-attn is not installed: a callable (q, k, v, cu_seqlens, max_seqlen,
     window) -> out on (T, H, Dh) tensors, or None. Causal attention is its window (left, 0): a
     query at i sees keys i - left .. i, as flash-attn's window_size=(left, -1) with causal=True
-    (left -1: no limit), the model's sliding-window convention."""
+    (left -1: no limit), the model's sliding-window convention. torch 2.10's varlen_attn has no
+    window (only is_causal): there it serves the layers without one (`window` < 0) only."""
     if not _fused_allowed(t) or t.dtype not in (torch.float16, torch.bfloat16):
         return None
     if flash_varlen_attention(t) is not None:
         return None  # flash-attn first where it is installed
     mod = _module("torch.nn.attention.varlen")
     fn = getattr(mod, "varlen_attn", None) if mod else None
-    if fn is None:
+    return varlen_caller(fn, window) if fn is not None else None
+
+
+def varlen_caller(fn, window: int):
+    """How to call this torch's `varlen_attn` for a causal layer with `window` (-1: none), or
+    None when it cannot: torch 2.10 takes `is_causal` and no `window_size`."""
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:
+        def attend(q, k, v, cu_seqlens, max_seqlen: int, window: int):
+            cu = cu_seqlens.to(torch.int32)
+            return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, window_size=(window if window >= 0 else -1, 0))
+    elif window < 0 and "is_causal" in params:
+        def attend(q, k, v, cu_seqlens, max_seqlen: int, window: int):
+            cu = cu_seqlens.to(torch.int32)
+            return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, is_causal=True)
+    else:
         return None
-
-    def attend(q, k, v, cu_seqlens, max_seqlen: int, window: int):
-        cu = cu_seqlens.to(torch.int32)
-        return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, window_size=(window if window >= 0 else -1, 0))
-
     return attend
 
 
@@ -95,7 +107,8 @@ def available() -> dict[str, bool]:
 
 
 def status(device_type: str) -> dict[str, str]:
-    """Per fused package, "active" or "inactive: <why>" (the import error, the device, or
+    """Per fused package, "active" (for torch 2.10's varlen_attn, "active for layers without a
+    sliding window ...") or "inactive: <why>" (the import error, the device, or
     HNET_DISABLE_FUSED), for tensors on a `device_type` device. For the start-up log and the
     MLflow params (kernels.*)."""
     out = {}
@@ -106,6 +119,8 @@ def status(device_type: str) -> dict[str, str]:
             out[name] = f"inactive: tensors on {device_type} (fused kernels are CUDA only)"
         elif _module(module) is None:
             out[name] = f"inactive: import failed ({_IMPORT_ERRORS.get(module, 'unknown error')})"
+        elif name == "torch_varlen_attn" and varlen_caller(_module(module).varlen_attn, 0) is None:
+            out[name] = "active for layers without a sliding window (this torch's varlen_attn has no window_size)"
         else:
             out[name] = "active"
     return out
@@ -117,7 +132,7 @@ def check_required(device_type: str, require: bool) -> None:
     if device_type != "cuda" or not require or os.environ.get("HNET_DISABLE_FUSED", "0") == "1":
         return
     st = status(device_type)
-    if st.get("flash_attn") == "active" or st.get("torch_varlen_attn") == "active":
+    if st.get("flash_attn") == "active" or st.get("torch_varlen_attn", "").startswith("active"):
         st.pop("flash_attn"), st.pop("torch_varlen_attn")  # one fast attention is enough
     missing = {k: v for k, v in st.items() if v != "active"}
     if missing:

@@ -37,3 +37,34 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("HNET_DISABLE_FUSED", "1")
     assert all(v == "inactive: HNET_DISABLE_FUSED=1" for v in kernels.status("cuda").values())
     kernels.check_required("cuda", True)
+
+
+def test_varlen_call_follows_the_installed_torch_signature():
+    """torch >= 2.11's varlen_attn takes window_size=(left, right); torch 2.10's only is_causal. The
+    model's window w (-1: none) must become (w, 0) on the first, and a windowed layer must not call
+    the second (it would attend over the whole document). Both torch releases cannot be installed
+    here, and varlen_attn does not run on a CPU: stand-ins with the two public signatures."""
+    import torch
+
+    calls = []
+
+    def varlen_2_11(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1)):
+        calls.append(("2.11", cu_seq_q.dtype, max_q, window_size))
+        return q
+
+    def varlen_2_10(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        calls.append(("2.10", cu_seq_q.dtype, max_q, is_causal))
+        return q
+
+    q = torch.zeros(5, 2, 4)
+    cu = torch.tensor([0, 2, 5])
+    for window in (3, -1):
+        kernels.varlen_caller(varlen_2_11, window)(q, q, q, cu, 3, window)
+    kernels.varlen_caller(varlen_2_10, -1)(q, q, q, cu, 3, -1)
+    assert calls == [("2.11", torch.int32, 3, (3, 0)), ("2.11", torch.int32, 3, (-1, 0)),
+                     ("2.10", torch.int32, 3, True)]
+    assert kernels.varlen_caller(varlen_2_10, 3) is None, "no sliding window on torch 2.10: sdpa_packed"
+    from torch.nn.attention.varlen import varlen_attn  # the installed torch's: a sliding window is supported
+
+    assert kernels.varlen_caller(varlen_attn, 3) is not None
