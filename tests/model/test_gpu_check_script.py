@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_cpu_mode_reports_throughput_of_hnet_and_its_baseline(tmp_path):
     out = tmp_path / "gpu_check.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # the only process running
     res = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--out", str(out)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -1,12 +1,24 @@
 """A tiny 1-stage H-Net memorises 2 KB of text on CPU while its compression approaches the target."""
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from pretrain.model import HNetConfig, HNetForCausalLM
 
 
-def test_tiny_model_overfits_2kb_and_compression_moves_to_target():
+@pytest.fixture
+def cores():
+    """This test is the only process running: it may use two threads (make test sets
+    OMP_NUM_THREADS=1 for the multi-process tests, which run ranks side by side)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, min(2, os.cpu_count() or 1)))
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_model_overfits_2kb_and_compression_moves_to_target(cores):
     torch.manual_seed(0)
     # 2 KB of English prose, frozen (the opening of an earlier README), so edits elsewhere do not change the data
     text = (Path(__file__).resolve().parents[1] / "fixtures" / "overfit_2kb.txt").read_bytes()
