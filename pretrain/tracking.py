@@ -7,10 +7,9 @@ at exit. `seconds` accumulates the wall time the training loop spends inside the
 cost reported as a share of step time).
 
 Tracking never stops training, and the steps do not wait for the store. Rank 0's calls only
-queue work: one
-sender thread talks to the store, in order, while the steps go on. A store that blocks (SQLite
-holds a locked database for 20 s per write before MLflow gives up; a slow server) blocks that
-thread, not the loop. The one wait is before a checkpoint: the metrics up to it should be in the
+queue work: one sender thread talks to the store, in order, while the steps go on. A store that
+blocks (SQLite holds a locked database for 20 s per write before MLflow gives up; a slow server)
+blocks that thread, not the loop. The one wait is before a checkpoint: the metrics up to it should be in the
 store by the time the checkpoint exists (a run resumed after a SIGKILL logs only the steps after
 it), so the loop waits there for sends in progress, but never for a store that is failing.
 

@@ -101,10 +101,7 @@ def check_model(torch, device, report):
 def text_documents(n_bytes: int, doc_len: int) -> list[bytes]:
     """Real text for the throughput rows (an untrained router chunks random bytes unlike text):
     Python's own standard library sources, cut into documents of doc_len bytes."""
-    import inspect
-    import json as json_mod
-
-    root = Path(inspect.getfile(json_mod)).parents[1]
+    root = Path(json.__file__).parents[1]  # json is a package of the standard library
     data = bytearray()
     for f in sorted(root.glob("*.py")):
         data += f.read_bytes()
@@ -112,15 +109,6 @@ def text_documents(n_bytes: int, doc_len: int) -> list[bytes]:
             break
     data = bytes(data) * (n_bytes // max(1, len(data)) + 1)
     return [data[i:i + doc_len] for i in range(0, n_bytes, doc_len)]
-
-
-class _Batch:
-    """The part of a data_pipeline step that a step executor reads."""
-
-    def __init__(self, micro_batches):
-        self.micro_batches = micro_batches
-        self.global_targets = sum(mb.n_targets for mb in micro_batches)
-        self.global_bytes = sum(mb.n_bytes for mb in micro_batches)
 
 
 THROUGHPUT_CONFIGS = {  # name -> model config (a bench dict or a public-style JSON fixture)
@@ -133,13 +121,15 @@ def throughput(torch, device, report, budget_s: float = 240.0, configs=None, mic
                row_bytes: int = 8192, doc_len: int = 2048, reps: int = 3):
     """Training steps as the trainer takes them (parallel.step.PlainStep: fp32 parameters, bf16
     autocast on CUDA, fused AdamW, gradient clipping) on packed 8 KB rows of text: bytes/s and
-    MFU of each H-Net config and of a FLOP-matched isotropic Transformer, with the share of the
+    MFU of each H-Net config (small also on the pure-PyTorch path) and of a FLOP-matched
+    isotropic Transformer, with the share of the
     step the GPU was busy (the rest: host syncs, launches, Python). Configs run largest-last and
     are skipped once `budget_s` is spent."""
     from data_pipeline.packer import Piece, pack_row
     from pretrain.metrics import peak_tflops
     from pretrain.model import HNetConfig
     from tests.bench.bench_model import CONFIGS, isotropic_match
+    from tests.model.test_host_syncs import _Step
 
     cuda = device == "cuda"
     precision = "bf16" if cuda else "fp32"
@@ -148,7 +138,7 @@ def throughput(torch, device, report, budget_s: float = 240.0, configs=None, mic
     docs = text_documents(micro_batches * per_row * (doc_len - 1), doc_len - 1)
     rows = [pack_row([Piece(f"t:{i}-{j}", docs[i * per_row + j]) for j in range(per_row)], capacity=row_bytes)
             for i in range(micro_batches)]
-    batch = _Batch(rows)
+    batch = _Step(rows)
     out = {"precision": precision, "peak_tflops": peak, "peak_source": peak_source,
            "step_bytes": int(batch.global_bytes), "micro_batches": micro_batches}
     t_start = time.perf_counter()
@@ -156,16 +146,23 @@ def throughput(torch, device, report, budget_s: float = 240.0, configs=None, mic
         spec = THROUGHPUT_CONFIGS.get(name, name)
         config = (HNetConfig.from_dict(CONFIGS[spec[len("bench:"):]]) if spec.startswith("bench:")
                   else HNetConfig.from_json(ROOT / spec))
-        for label, cfg in (("hnet", config), ("isotropic_transformer",
-                                               isotropic_match(config, config.ratio_targets, doc_len))):
+        variants = [("hnet", config, False)]
+        if cuda and name == "small":  # the pure-PyTorch path beside the fused kernels, on the smallest
+            variants.append(("hnet_pure", config, True))
+        variants.append(("isotropic_transformer", isotropic_match(config, config.ratio_targets, doc_len), False))
+        for label, cfg, pure in variants:
             key = f"{name}/{label}"
             if time.perf_counter() - t_start > budget_s:
                 out[key] = {"skipped": f"time budget of {budget_s:.0f} s spent"}
                 continue
+            if pure:
+                os.environ["HNET_DISABLE_FUSED"] = "1"
             try:
                 out[key] = _time_steps(torch, device, cfg, batch, peak, reps, doc_len)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it, go on with the next
                 out[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            finally:
+                os.environ.pop("HNET_DISABLE_FUSED", None)
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()

@@ -51,8 +51,8 @@ else trainer=("$PY" -m pretrain.train); fi
 filter() { grep -v -e FutureWarning -e 'return func' -e '^  ' | grep -e '^\[train\] [a-z]' -e Error -e error | grep -v 'resolved config'; }
 timeout 240 "${trainer[@]}" "${common[@]}" run_dir="$OUT/straight" > "$OUT/straight.log" 2>&1
 echo "uninterrupted run: exit $? ($(( $(date +%s) - t0 )) s)"; filter < "$OUT/straight.log" | tail -4
-# The trainer itself in the background (not under `timeout`, which would outlive a SIGKILL of its
-# own and leave the trainer running, holding the run directory's lease): killed by its pid.
+# The trainer itself in the background, killed by its own pid: under `timeout`, kill -9 would end
+# `timeout` and leave the trainer running, holding the run directory's lease.
 "${trainer[@]}" "${common[@]}" run_dir="$OUT/resumed" debug.hang_at_step=$KILL_AT > "$OUT/killed.log" 2>&1 &
 pid=$!
 for _ in $(seq 240); do grep -q "hanging after step $KILL_AT" "$OUT/killed.log" 2>/dev/null && break; sleep 1; done

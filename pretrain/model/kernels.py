@@ -77,6 +77,7 @@ def torch_varlen_attention(t: torch.Tensor, window: int = -1):
     return varlen_caller(fn, window) if fn is not None else None
 
 
+@functools.lru_cache(maxsize=None)  # asked at every attention forward: inspect the signature once
 def varlen_caller(fn, window: int):
     """How to call this torch's `varlen_attn` for a causal layer with `window` (-1: none), or
     None when it cannot: torch 2.10 takes `is_causal` and no `window_size`."""

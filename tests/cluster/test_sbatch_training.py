@@ -202,7 +202,7 @@ def test_scancel_is_not_undone_by_a_requeue(slurm_cluster, tiny_shards, workdir)
     wait_for(lambda: log_file.exists() and len(log_file.read_text().splitlines()) >= 2, timeout=180,
              what=f"job {job} to train 2 steps ({out})")
     subprocess.run(["scancel", job], check=True, timeout=30)
-    info = wait_for_job(job, timeout=120, output=out)
+    wait_for_job(job, timeout=120, output=out)
     time.sleep(3)  # a requeue would show within the scheduler's 2 s cycle
     info = wait_for_job(job, timeout=30, output=out)
     log = tail(out)

@@ -1,6 +1,6 @@
 """Tracking never stops training (pretrain/tracking.py): a store that cannot be reached, a store
-that locks up mid-run (the steps do not wait for it), and two runs writing one SQLite store at once. Real stores, real runs
-(plain engine, one process each)."""
+that locks up mid-run (the steps do not wait for it), and two runs writing one SQLite store at
+once. Real stores, real runs (plain engine, one process each)."""
 from __future__ import annotations
 
 import json
