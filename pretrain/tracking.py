@@ -26,6 +26,7 @@ timeout, retry as above.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -88,6 +89,24 @@ def slurm_tags(env: dict | None = None) -> dict[str, str]:
     return tags
 
 
+@contextlib.contextmanager
+def _sqlite_store_lock(uri: str):
+    """An exclusive lock on DB.open-lock beside a sqlite:/// store (nothing for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = os.path.abspath(uri[len("sqlite:///"):])
+    os.makedirs(os.path.dirname(db), exist_ok=True)
+    with open(db + ".open-lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class NullTracker:
     """What ranks other than 0 (and runs with tracking off) get."""
 
@@ -128,16 +147,20 @@ class MlflowTracker(NullTracker):
         self.uri = uri
         self.flush_every = max(1, flush_every)
         self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            artifact_root = None
-            if uri.startswith("sqlite:///"):
-                # Artifacts next to the database file, not in whatever directory the job started in.
-                db = uri[len("sqlite:///"):]
-                artifact_root = "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
-            exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
-        else:
-            exp_id = exp.experiment_id
+        with _sqlite_store_lock(uri):
+            # MLflow creates a fresh SQLite store's schema on first use, and two processes doing
+            # it at once can leave it half-migrated for good ("table _alembic_tmp_... already
+            # exists"): jobs that share a store open it, and make the experiment, one at a time.
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                artifact_root = None
+                if uri.startswith("sqlite:///"):
+                    # Artifacts next to the database file, not in whatever directory the job started in.
+                    db = uri[len("sqlite:///"):]
+                    artifact_root = "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
+                exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
+            else:
+                exp_id = exp.experiment_id
         self.resumed = run_id is not None
         if run_id is not None:
             run = self.client.get_run(run_id)  # raises if the store lost it: better than a silent new run
