@@ -422,14 +422,12 @@ def log_report(client, paths: dict[str, str], runs: list[RunData], experiment: s
 
 # ----------------------------------------------------------------------------- the CLI
 def compare(args) -> dict[str, str]:
-    from mlflow.tracking import MlflowClient
-
-    from pretrain.tracking import default_tracking_uri
+    from pretrain.tracking import default_tracking_uri, open_client
 
     if args.smooth and not 0 <= args.smooth < 1:
         raise CompareError(f"--smooth {args.smooth}: the EMA weight must lie in [0, 1)")
     uri = default_tracking_uri(args.tracking_uri or "")
-    client = MlflowClient(tracking_uri=uri)
+    client, _ = open_client(uri)
     runs = run_data(client, select_runs(client, args.experiment or [], args.runs or [], args.names or [],
                                         args.filter or ""))
     metrics = list(dict.fromkeys(args.metrics or DEFAULT_METRICS))

@@ -107,6 +107,32 @@ def _sqlite_store_lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def open_client(uri: str, experiment: str | None = None):
+    """An MlflowClient for URI and, when EXPERIMENT is named, its id (the experiment is made if
+    missing). Every process that opens a store goes through here.
+
+    MLflow builds and migrates a SQLite store's schema as the client is made. Two processes
+    doing that at once on a fresh file can leave it half-migrated for good ("table
+    _alembic_tmp_... already exists" for every later reader), and two creating one experiment
+    at once collide on its name. For sqlite:/// stores both happen under one exclusive flock on
+    DB.open-lock, so jobs that start together open the store one after the other."""
+    from mlflow.tracking import MlflowClient
+
+    with _sqlite_store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        if experiment is None:
+            return client, None
+        exp = client.get_experiment_by_name(experiment)
+        if exp is not None:
+            return client, exp.experiment_id
+        artifact_root = None
+        if uri.startswith("sqlite:///"):
+            # Artifacts next to the database file, not in whatever directory the job started in.
+            db = uri[len("sqlite:///"):]
+            artifact_root = "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
+        return client, client.create_experiment(experiment, artifact_location=artifact_root)
+
+
 class NullTracker:
     """What ranks other than 0 (and runs with tracking off) get."""
 
@@ -141,26 +167,11 @@ class MlflowTracker(NullTracker):
         self.run_dir, self.max_failures, self.warn = run_dir, max(1, max_failures), warn
         self.offline: OfflineLog | None = None
         from mlflow.entities import Metric, Param, RunTag
-        from mlflow.tracking import MlflowClient
 
         self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
         self.uri = uri
         self.flush_every = max(1, flush_every)
-        self.client = MlflowClient(tracking_uri=uri)
-        with _sqlite_store_lock(uri):
-            # MLflow creates a fresh SQLite store's schema on first use, and two processes doing
-            # it at once can leave it half-migrated for good ("table _alembic_tmp_... already
-            # exists"): jobs that share a store open it, and make the experiment, one at a time.
-            exp = self.client.get_experiment_by_name(experiment)
-            if exp is None:
-                artifact_root = None
-                if uri.startswith("sqlite:///"):
-                    # Artifacts next to the database file, not in whatever directory the job started in.
-                    db = uri[len("sqlite:///"):]
-                    artifact_root = "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
-                exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
-            else:
-                exp_id = exp.experiment_id
+        self.client, exp_id = open_client(uri, experiment)
         self.resumed = run_id is not None
         if run_id is not None:
             run = self.client.get_run(run_id)  # raises if the store lost it: better than a silent new run
@@ -502,20 +513,18 @@ def replay(run_dir: str, uri: str = "", experiment: str = "") -> tuple[str, int]
     """Sends RUN_DIR/unsent_metrics.jsonl to MLflow (the run it names, or a new run); renames the
     file once sent. Returns (run id, metrics sent)."""
     from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
 
     path = os.path.join(run_dir, UNSENT_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"nothing to replay: no {path}")
     records = [json.loads(line) for line in open(path) if line.strip()]
     uri = uri or next((r.get("uri") for r in records if r.get("uri")), "") or default_tracking_uri("")
-    client = MlflowClient(tracking_uri=uri)
     run_id = next((r["run_id"] for r in records if r.get("run_id")), None)
-    if run_id is None:
+    if run_id is not None:
+        client, _ = open_client(uri)
+    else:
         opened = next((r for r in records if r.get("kind") == "open"), {})
-        name = experiment or opened.get("experiment") or "hnet-pretrain"
-        exp = client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(name)
+        client, exp_id = open_client(uri, experiment or opened.get("experiment") or "hnet-pretrain")
         run_id = client.create_run(exp_id, run_name=opened.get("run_name"), tags={"replayed_from": path}).info.run_id
     existing = set(client.get_run(run_id).data.params)
     sent, status = 0, None

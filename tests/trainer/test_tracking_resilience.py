@@ -105,3 +105,41 @@ def test_two_runs_share_one_sqlite_store(tmp_path, demo_shards):
         summary = json.loads((tmp_path / name / "run" / "summary.json").read_text())
         assert steps_of(uri, summary["mlflow_run_id"]) == list(range(1, STEPS + 1))
         assert not (tmp_path / name / "run" / "unsent_metrics.jsonl").exists()
+
+
+OPENER = """
+import sys
+from pretrain.tracking import open_client
+print("ready", flush=True)
+sys.stdin.readline()  # every process is imported and waiting: open the store together
+client, exp_id = open_client(sys.argv[1], "shared")
+print("exp", exp_id, flush=True)
+"""
+
+
+def test_processes_opening_a_fresh_sqlite_store_at_once_leave_it_whole(tmp_path):
+    """Jobs that start together on a new store: each opens it (MLflow builds the schema as the
+    client is made) and asks for one experiment. Without the open lock most such starts failed
+    here and left _alembic_tmp_* tables behind, which break every later reader."""
+    db = tmp_path / "fresh.db"
+    procs = [subprocess.Popen([PY, "-c", OPENER, f"sqlite:///{db}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=base_env()) for _ in range(3)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0] * 3, [err[-2000:] for _, err in results]
+    exp_ids = {out.split()[-1] for out, _ in results}
+    assert len(exp_ids) == 1, exp_ids
+    tables = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert not {t for t in tables if t.startswith("_alembic_tmp")}, tables
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    assert client.get_experiment_by_name("shared").experiment_id in exp_ids
