@@ -33,6 +33,9 @@ sys.path.insert(0, str(REPO / "tests" / "trainer"))
 
 from trainer_harness import PY, run_ranks  # noqa: E402
 
+# A benchmark times what a user's launch costs: every rank a real interpreter (no forkserver).
+os.environ.setdefault("HNET_TEST_NO_FORKSERVER", "1")
+
 WORKER = str(REPO / "tests" / "bench" / "pipeline_bench_worker.py")
 MICRO_BATCH_BYTES = 2048
 TRAIN_STEPS = 30

@@ -26,6 +26,9 @@ sys.path.insert(0, str(REPO / "tests" / "trainer"))
 
 from trainer_harness import PY, base_env, read_log, run_ranks, train_argv  # noqa: E402
 
+# A benchmark times what a user's launch costs: every rank a real interpreter (no forkserver).
+os.environ.setdefault("HNET_TEST_NO_FORKSERVER", "1")
+
 SMALL = str(REPO / "pretrain" / "configs" / "small.yaml")
 WARMUP = 3  # first steps excluded from the step-time average (allocations, first gathers)
 # Memory comparison: a wider model (~30M parameters) on short rows, so parameters, gradients and

@@ -272,16 +272,28 @@ def test_conversion_survives_job_signals(straight, tmp_path):
     tag = (root / "latest").read_text().strip()
     done, hits = threading.Event(), []
 
+    me = str(os.getpid())
+
+    def children() -> set[str]:
+        out = set()
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and (d / "stat").read_text().rsplit(")", 1)[1].split()[1] == me:
+                    out.add(d.name)
+            except (OSError, IndexError):
+                pass
+        return out
+
+    before = children()  # helpers of the test session (the rank forkserver): not the converter's
+
     def signal_children():
-        me = str(os.getpid())
         while not done.is_set():
-            for d in Path("/proc").iterdir():
+            for pid in children() - before:
                 try:
-                    if d.name.isdigit() and (d / "stat").read_text().rsplit(")", 1)[1].split()[1] == me:
-                        for sig in (signal.SIGUSR1, signal.SIGTERM):
-                            os.kill(int(d.name), sig)
-                        hits.append(d.name)
-                except (OSError, IndexError):
+                    for sig in (signal.SIGUSR1, signal.SIGTERM):
+                        os.kill(int(pid), sig)
+                    hits.append(pid)
+                except OSError:
                     pass
             time.sleep(0.05)
 

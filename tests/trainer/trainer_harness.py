@@ -42,6 +42,109 @@ def base_env(extra: dict | None = None) -> dict:
     return env
 
 
+# --- Rank processes forked from a preloaded interpreter -----------------------------------------
+# Each rank of a test launch is a process of its own that runs the real entry point
+# (`python -m pretrain.train ...`, or a worker script) over real gloo. What it does not repeat is
+# importing torch, DeepSpeed, MLflow and torch's compiler stack (DeepSpeed's ZeRO start imports
+# it): about 12 s of CPU per process here, two thirds of a tiny run's launch. multiprocessing's
+# forkserver imports them once; a rank is forked from it, takes its environment, session, working
+# directory and log, and runs the module or script as the interpreter would (same exit codes:
+# SystemExit's code, 1 for an exception, -N for signal N). It is not used, and a real interpreter
+# starts, when HNET_TEST_NO_FORKSERVER is set or when a launch differs from the server in what an
+# interpreter fixes as it starts (hash seed, thread counts, accelerator, import path). The SLURM,
+# torchrun and CLI tests always start real interpreters.
+PRELOAD = ["numpy", "yaml", "torch", "torch._inductor.config", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer",
+           "mlflow", "mlflow.entities", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "webdataset"]
+FIXED_AT_START = ("PYTHONHASHSEED", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "DS_ACCELERATOR", "PYTHONPATH",
+                  "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE")
+_server_env: dict | None = None
+
+
+def _forkserver_for(argv: list[str], env: dict):
+    """The forkserver context when this launch can be forked from it, else None."""
+    global _server_env
+    if env.get("HNET_TEST_NO_FORKSERVER") or argv[0] != PY or len(argv) < 2:
+        return None
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    if _server_env is None:
+        _server_env = base_env()
+        forkserver.set_forkserver_preload(PRELOAD)
+    # The server interpreter starts with the ranks' environment; ensure_running starts it, or
+    # starts it again if it died, and otherwise returns at once.
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(_server_env)
+    try:
+        forkserver.ensure_running()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    if any(env.get(k) != _server_env.get(k) for k in FIXED_AT_START):
+        return None
+    return multiprocessing.get_context("forkserver")
+
+
+def _run_as_main(argv: list[str], env: dict, cwd: str, log_path: str) -> None:
+    """In the forked rank: what `python ARGS` would do, from the arguments on."""
+    import atexit
+    import runpy
+
+    os.setsid()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        if argv[1] == "-m":
+            sys.argv = [argv[2], *argv[3:]]
+            sys.path.insert(0, cwd)
+            runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = argv[1:]
+            sys.path.insert(0, os.path.dirname(os.path.abspath(argv[1])))
+            runpy.run_path(argv[1], run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()  # an interpreter runs them at exit; a multiprocessing child would not
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+class ForkedPython:
+    """A rank forked from the preloaded server, with the part of Popen's interface the tests use."""
+
+    def __init__(self, ctx, argv: list[str], cwd, env: dict, log_path):
+        self.args = argv
+        self._proc = ctx.Process(target=_run_as_main, args=(argv, env, str(cwd), str(log_path)), daemon=True)
+        self._proc.start()
+        self.pid = self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.exitcode
+
+    def poll(self) -> int | None:
+        return self._proc.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._proc.join(timeout)
+        if self._proc.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._proc.exitcode
+
+
+def start_python(argv: list[str], cwd, env: dict, log, log_path):
+    """`argv` (a `python ...` command line) in a session of its own, output to `log`."""
+    ctx = _forkserver_for(argv, env)
+    if ctx is not None:
+        return ForkedPython(ctx, argv, cwd, env, log_path)
+    return subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 class Ranks:
     """`world` processes running `argv`, each with its torch rendezvous variables."""
 
@@ -53,11 +156,11 @@ class Ranks:
             e = base_env(env)
             e.update({"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
                       "MASTER_PORT": str(port)})
-            log = open(Path(log_dir) / f"rank{r}.log", "w")
+            log_path = Path(log_dir) / f"rank{r}.log"
+            log = open(log_path, "w")
             self.logs.append(log)
             # New session per rank: the test can SIGKILL a rank with everything it started.
-            self.procs.append(subprocess.Popen(argv, cwd=cwd, env=e, stdout=log, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
+            self.procs.append(start_python(argv, cwd, e, log, log_path))
         self.log_dir = Path(log_dir)
 
     def wait(self, timeout: float) -> list[int]:
