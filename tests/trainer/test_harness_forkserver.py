@@ -63,3 +63,34 @@ def test_a_forked_rank_behaves_as_a_python_process(tmp_path, mode):
     assert code == {"ok": 0, "exit3": 3, "raise": 1, "hang": -9}[mode]
     assert "own session True" in first and "probe seen" in first and "main __main__" in first
     assert raised == (mode == "raise")
+
+
+LEAVER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import trainer_harness as h
+h.PRELOAD[:] = []  # a server that starts fast: this checks the exit, not the preload
+log = open(sys.argv[2] + "/hang.log", "w")
+# a rank that answers SIGTERM later (as the trainer does, with a checkpoint): here, never
+hang = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"
+p = h.start_python([h.PY, "-c", hang], sys.argv[2], h.base_env(), log, sys.argv[2] + "/hang.log")
+import time
+while "ready" not in open(sys.argv[2] + "/hang.log").read():
+    time.sleep(0.05)
+print(p.pid, flush=True)
+"""
+
+
+def test_a_session_that_ends_kills_the_ranks_it_left_running(tmp_path):
+    """A test that fails before it kills its ranks must not leave them running, nor hold the
+    session's exit (multiprocessing alone would SIGTERM them and wait)."""
+    import subprocess
+
+    res = subprocess.run([PY, "-c", LEAVER, os.path.dirname(trainer_harness.__file__), str(tmp_path)],
+                         env=base_env(), capture_output=True, text=True, timeout=40)
+    assert res.returncode == 0, res.stderr
+    pid = int(res.stdout.split()[0])
+    deadline = time.time() + 10
+    while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}"), f"forked rank {pid} outlived the session that started it"

@@ -69,8 +69,11 @@ def _forkserver_for(argv: list[str], env: dict):
     from multiprocessing import forkserver
 
     if _server_env is None:
+        import atexit
+
         _server_env = base_env()
         forkserver.set_forkserver_preload(PRELOAD)
+        atexit.register(_end_forked_ranks_and_server)  # runs before multiprocessing's own exit hook
     # The server interpreter starts with the ranks' environment; ensure_running starts it, or
     # starts it again if it died, and otherwise returns at once.
     saved = dict(os.environ)
@@ -104,6 +107,10 @@ def _run_as_main(argv: list[str], env: dict, cwd: str, log_path: str) -> None:
             sys.argv = [argv[2], *argv[3:]]
             sys.path.insert(0, cwd)
             runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
+        elif argv[1] == "-c":
+            sys.argv = ["-c", *argv[3:]]
+            sys.path.insert(0, "")
+            exec(compile(argv[2], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
         else:
             sys.argv = argv[1:]
             sys.path.insert(0, os.path.dirname(os.path.abspath(argv[1])))
@@ -114,6 +121,35 @@ def _run_as_main(argv: list[str], env: dict, cwd: str, log_path: str) -> None:
         sys.stderr.flush()
 
 
+_forked: list["ForkedPython"] = []
+
+
+def _end_forked_ranks_and_server() -> None:
+    """At the test session's end: SIGKILL the session of every forked rank a test left running
+    (multiprocessing would SIGTERM them and wait without a bound, and a rank that answers SIGTERM
+    with a checkpoint could hold the exit until its collective timeout), then stop the server and
+    multiprocessing's resource tracker rather than leave them to notice the exit."""
+    from multiprocessing import forkserver, resource_tracker
+
+    left = [p for p in _forked if p.poll() is None]
+    for p in left:
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    deadline = time.time() + 10
+    while any(p.poll() is None for p in left) and time.time() < deadline:
+        time.sleep(0.05)
+    if any(p.poll() is None for p in left):
+        return  # the server stops once they are gone; waiting for it here could hang the exit
+    for helper in (forkserver._forkserver, resource_tracker._resource_tracker):
+        try:
+            helper._stop()  # what CPython's own tests use to stop them
+        except (AttributeError, OSError, ChildProcessError):
+            pass
+
+
 class ForkedPython:
     """A rank forked from the preloaded server, with the part of Popen's interface the tests use."""
 
@@ -122,6 +158,17 @@ class ForkedPython:
         self._proc = ctx.Process(target=_run_as_main, args=(argv, env, str(cwd), str(log_path)), daemon=True)
         self._proc.start()
         self.pid = self._proc.pid
+        _forked.append(self)
+        # Popen(start_new_session=True) returns once the child leads its own session: a test may
+        # kill the session at once. The forked child gets there a few milliseconds later.
+        deadline = time.time() + 30
+        while time.time() < deadline and self.poll() is None:
+            try:
+                if os.getpgid(self.pid) == self.pid:
+                    break
+            except ProcessLookupError:
+                break
+            time.sleep(0.002)
 
     @property
     def returncode(self) -> int | None:
