@@ -74,6 +74,8 @@ def _forkserver_for(argv: list[str], env: dict):
         _server_env = base_env()
         forkserver.set_forkserver_preload(PRELOAD)
         atexit.register(_end_forked_ranks_and_server)  # runs before multiprocessing's own exit hook
+    if any(env.get(k) != _server_env.get(k) for k in FIXED_AT_START):
+        return None
     # The server interpreter starts with the ranks' environment; ensure_running starts it, or
     # starts it again if it died, and otherwise returns at once.
     saved = dict(os.environ)
@@ -84,8 +86,6 @@ def _forkserver_for(argv: list[str], env: dict):
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    if any(env.get(k) != _server_env.get(k) for k in FIXED_AT_START):
-        return None
     return multiprocessing.get_context("forkserver")
 
 
