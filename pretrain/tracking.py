@@ -90,14 +90,13 @@ def slurm_tags(env: dict | None = None) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _sqlite_store_lock(uri: str):
-    """An exclusive lock on DB.open-lock beside a sqlite:/// store (nothing for other stores)."""
-    if not uri.startswith("sqlite:///"):
+def _sqlite_store_lock(db: str | None):
+    """An exclusive lock on DB.open-lock beside a SQLite store's file (nothing when db is None)."""
+    if db is None:
         yield
         return
     import fcntl
 
-    db = os.path.abspath(uri[len("sqlite:///"):])
     os.makedirs(os.path.dirname(db), exist_ok=True)
     with open(db + ".open-lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -118,18 +117,16 @@ def open_client(uri: str, experiment: str | None = None):
     DB.open-lock, so jobs that start together open the store one after the other."""
     from mlflow.tracking import MlflowClient
 
-    with _sqlite_store_lock(uri):
+    db = os.path.abspath(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    with _sqlite_store_lock(db):
         client = MlflowClient(tracking_uri=uri)
         if experiment is None:
             return client, None
         exp = client.get_experiment_by_name(experiment)
         if exp is not None:
             return client, exp.experiment_id
-        artifact_root = None
-        if uri.startswith("sqlite:///"):
-            # Artifacts next to the database file, not in whatever directory the job started in.
-            db = uri[len("sqlite:///"):]
-            artifact_root = "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
+        # Artifacts next to the database file, not in whatever directory the job started in.
+        artifact_root = "file://" + os.path.join(os.path.dirname(db), "mlartifacts") if db else None
         return client, client.create_experiment(experiment, artifact_location=artifact_root)
 
 

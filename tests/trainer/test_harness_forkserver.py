@@ -35,7 +35,7 @@ def launch(tmp_path, mode: str, forked: bool):
     env.pop("HNET_TEST_NO_FORKSERVER", None)
     if not forked:
         env["HNET_TEST_NO_FORKSERVER"] = "1"
-    proc = start_python([PY, str(script), mode], tmp_path, env, log, log_path)
+    proc = start_python([PY, str(script), mode], tmp_path, env, log)
     return proc, log, log_path
 
 
@@ -73,7 +73,7 @@ h.PRELOAD[:] = []  # a server that starts fast: this checks the exit, not the pr
 log = open(sys.argv[2] + "/hang.log", "w")
 # a rank that answers SIGTERM later (as the trainer does, with a checkpoint): here, never
 hang = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"
-p = h.start_python([h.PY, "-c", hang], sys.argv[2], h.base_env(), log, sys.argv[2] + "/hang.log")
+p = h.start_python([h.PY, "-c", hang], sys.argv[2], h.base_env(), log)
 import time
 while "ready" not in open(sys.argv[2] + "/hang.log").read():
     time.sleep(0.05)

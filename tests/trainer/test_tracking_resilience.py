@@ -3,6 +3,7 @@ that locks up mid-run (the steps do not wait for it), and two runs writing one S
 once. Real stores, real runs (plain engine, one process each)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -109,6 +110,7 @@ def test_two_runs_share_one_sqlite_store(tmp_path, demo_shards):
 
 OPENER = """
 import sys
+import mlflow.tracking  # noqa: F401 - imported before the "go", so that the opens start together
 from pretrain.tracking import open_client
 print("ready", flush=True)
 sys.stdin.readline()  # every process is imported and waiting: open the store together
@@ -137,7 +139,8 @@ def test_processes_opening_a_fresh_sqlite_store_at_once_leave_it_whole(tmp_path)
     assert [p.returncode for p in procs] == [0] * 3, [err[-2000:] for _, err in results]
     exp_ids = {out.split()[-1] for out, _ in results}
     assert len(exp_ids) == 1, exp_ids
-    tables = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert not {t for t in tables if t.startswith("_alembic_tmp")}, tables
     from mlflow.tracking import MlflowClient
 

@@ -153,9 +153,9 @@ def _end_forked_ranks_and_server() -> None:
 class ForkedPython:
     """A rank forked from the preloaded server, with the part of Popen's interface the tests use."""
 
-    def __init__(self, ctx, argv: list[str], cwd, env: dict, log_path):
+    def __init__(self, ctx, argv: list[str], cwd, env: dict, log_path: str):
         self.args = argv
-        self._proc = ctx.Process(target=_run_as_main, args=(argv, env, str(cwd), str(log_path)), daemon=True)
+        self._proc = ctx.Process(target=_run_as_main, args=(argv, env, str(cwd), log_path), daemon=True)
         self._proc.start()
         self.pid = self._proc.pid
         _forked.append(self)
@@ -170,10 +170,6 @@ class ForkedPython:
                 break
             time.sleep(0.002)
 
-    @property
-    def returncode(self) -> int | None:
-        return self._proc.exitcode
-
     def poll(self) -> int | None:
         return self._proc.exitcode
 
@@ -184,11 +180,11 @@ class ForkedPython:
         return self._proc.exitcode
 
 
-def start_python(argv: list[str], cwd, env: dict, log, log_path):
-    """`argv` (a `python ...` command line) in a session of its own, output to `log`."""
+def start_python(argv: list[str], cwd, env: dict, log):
+    """`argv` (a `python ...` command line) in a session of its own, output to `log` (a file)."""
     ctx = _forkserver_for(argv, env)
     if ctx is not None:
-        return ForkedPython(ctx, argv, cwd, env, log_path)
+        return ForkedPython(ctx, argv, cwd, env, os.path.abspath(log.name))
     return subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -203,11 +199,10 @@ class Ranks:
             e = base_env(env)
             e.update({"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
                       "MASTER_PORT": str(port)})
-            log_path = Path(log_dir) / f"rank{r}.log"
-            log = open(log_path, "w")
+            log = open(Path(log_dir) / f"rank{r}.log", "w")
             self.logs.append(log)
             # New session per rank: the test can SIGKILL a rank with everything it started.
-            self.procs.append(start_python(argv, cwd, e, log, log_path))
+            self.procs.append(start_python(argv, cwd, e, log))
         self.log_dir = Path(log_dir)
 
     def wait(self, timeout: float) -> list[int]:
