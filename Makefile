@@ -5,6 +5,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
+# For the tests that run mamba-ssm's Triton SSD kernels on this CPU under Triton's interpreter
+# (tests/model/triton_interpreter.py): Triton and mamba-ssm's Python sources, kept outside .venv
+# so that every other process runs as a CPU user's install does, without Triton.
+TRITON_VERSION    := 3.9.0
+MAMBA_SSM_VERSION := 2.3.2.post1
+INTERPRETER := .cache/triton/.installed-$(TRITON_VERSION) .cache/mamba_src/.installed-$(MAMBA_SSM_VERSION)
 
 # DeepSpeed on CPU: gloo backend, and its JIT-built comm op cached in the repo so
 # `make test` compiles it once (about 50 s on 2 cores), not once per test.
@@ -25,7 +31,16 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+.cache/triton/.installed-$(TRITON_VERSION): | $(STAMP)
+	rm -rf .cache/triton
+	$(PIP) install -q --no-deps --target .cache/triton triton==$(TRITON_VERSION)
+	touch $@
+
+.cache/mamba_src/.installed-$(MAMBA_SSM_VERSION): scripts/fetch_mamba_src.py | $(STAMP)
+	$(PY) scripts/fetch_mamba_src.py .cache/mamba_src $(MAMBA_SSM_VERSION)
+	touch $@
+
+test: setup $(INTERPRETER)
 	$(PY) -m pytest tests -q --durations=30
 
 # The tests without the multi-process and SLURM ones: a quick check while editing.

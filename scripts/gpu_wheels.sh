@@ -36,26 +36,6 @@ done
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$W" "pydantic-core==$(version pydantic-core)"
 
-# mamba-ssm's sdist cannot even be downloaded by pip here (its metadata build wants CUDA): take
-# the file from the package index directly.
-MAMBA=${MAMBA_VERSION:-2.3.2.post1}
-"$PY" - "$MAMBA" "$W" <<'PYEOF'
-import io, os, re, sys, tarfile, urllib.parse, urllib.request
-version, out = sys.argv[1], sys.argv[2]
-index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-page = urllib.request.urlopen(f"{index}/mamba-ssm/", timeout=60).read().decode()
-links = re.findall(r'href="([^"#]*mamba_ssm-' + re.escape(version) + r'\.tar\.gz)', page)
-if not links:
-    sys.exit(f"no mamba_ssm-{version}.tar.gz in {index}/mamba-ssm/")
-url = urllib.parse.urljoin(f"{index}/mamba-ssm/", links[0])
-data = urllib.request.urlopen(url, timeout=120).read()
-with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-    top = f"mamba_ssm-{version}/mamba_ssm/"
-    members = [m for m in tar.getmembers() if m.name.startswith(top) and m.name.endswith(".py")]
-    for m in members:
-        m.name = "mamba_src/mamba_ssm/" + m.name[len(top):]
-    tar.extractall(out, members=members, filter="data")
-print(f"mamba-ssm {version}: {len(members)} source files in {out}/mamba_src")
-PYEOF
+"$PY" scripts/fetch_mamba_src.py "$W/mamba_src" "${MAMBA_VERSION:-}"
 ls -1 "$W"
 du -sh "$W"

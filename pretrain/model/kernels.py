@@ -4,6 +4,12 @@ A fused kernel is used only when the tensor is on a CUDA device and the package 
 Nothing here imports mamba_ssm, causal_conv1d or flash_attn at module import time: mamba_ssm
 cannot even be imported without its compiled CUDA extension. Set HNET_DISABLE_FUSED=1 to force
 the pure-PyTorch path everywhere (used to compare the two paths on a GPU).
+
+HNET_TRITON_ON_CPU=1 lets the one Triton kernel here (mamba_ssm's chunked SSD scan) take CPU
+tensors, for running it under Triton's interpreter (TRITON_INTERPRET=1), which executes a
+kernel's program instances with NumPy. The tests use it to train through the fused scan
+without a GPU (tests/model/triton_interpreter.py); it is far too slow for anything else. The
+CUDA C++ kernels (causal_conv1d, flash-attn, varlen_attn) stay CUDA only.
 """
 from __future__ import annotations
 
@@ -37,9 +43,18 @@ def _fused_allowed(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("HNET_DISABLE_FUSED", "0") != "1"
 
 
+def _triton_on_cpu() -> bool:
+    return os.environ.get("HNET_TRITON_ON_CPU", "0") == "1"
+
+
+def _triton_allowed(t: torch.Tensor) -> bool:
+    return _fused_allowed(t) or (t.device.type == "cpu" and _triton_on_cpu()
+                                 and os.environ.get("HNET_DISABLE_FUSED", "0") != "1")
+
+
 def mamba_chunk_scan(t: torch.Tensor):
     """mamba_ssm's fused chunked SSD scan, or None where it cannot be used for `t`."""
-    if not _fused_allowed(t):
+    if not _triton_allowed(t):
         return None
     mod = _module("mamba_ssm.ops.triton.ssd_combined")
     return getattr(mod, "mamba_chunk_scan_combined", None) if mod else None
@@ -116,6 +131,9 @@ def status(device_type: str) -> dict[str, str]:
     for name, (what, module) in FUSED.items():
         if os.environ.get("HNET_DISABLE_FUSED", "0") == "1":
             out[name] = "inactive: HNET_DISABLE_FUSED=1"
+        elif device_type == "cpu" and name == "mamba_ssm" and _triton_on_cpu():
+            out[name] = ("active (Triton interpreter on CPU, HNET_TRITON_ON_CPU=1)" if _module(module) is not None
+                         else f"inactive: import failed ({_IMPORT_ERRORS.get(module, 'unknown error')})")
         elif device_type != "cuda":
             out[name] = f"inactive: tensors on {device_type} (fused kernels are CUDA only)"
         elif _module(module) is None:

@@ -68,3 +68,25 @@ def test_varlen_call_follows_the_installed_torch_signature():
     from torch.nn.attention.varlen import varlen_attn  # the installed torch's: a sliding window is supported
 
     assert kernels.varlen_caller(varlen_attn, 3) is not None
+
+
+def test_triton_kernels_take_cpu_tensors_only_when_asked(monkeypatch):
+    """HNET_TRITON_ON_CPU=1 (for Triton's interpreter, tests/model/triton_interpreter.py) opens
+    the one Triton kernel, the SSD scan, to CPU tensors, and says so; the CUDA C++ kernels stay
+    CUDA only, and HNET_DISABLE_FUSED still wins."""
+    import torch
+
+    t = torch.zeros(1)
+    monkeypatch.delenv("HNET_DISABLE_FUSED", raising=False)
+    monkeypatch.delenv("HNET_TRITON_ON_CPU", raising=False)
+    assert kernels.mamba_chunk_scan(t) is None
+    monkeypatch.setenv("HNET_TRITON_ON_CPU", "1")
+    st = kernels.status("cpu")
+    assert st["mamba_ssm"].startswith(("active (Triton interpreter on CPU", "inactive: import failed")), st
+    assert all(v.startswith("inactive: tensors on cpu") for k, v in st.items() if k != "mamba_ssm"), st
+    assert kernels.causal_conv1d(t) is None and kernels.flash_varlen_attention(t.half()) is None
+    assert kernels.torch_varlen_attention(t.half()) is None
+    kernels.check_required("cpu", True)
+    monkeypatch.setenv("HNET_DISABLE_FUSED", "1")
+    assert kernels.mamba_chunk_scan(t) is None
+    assert kernels.status("cpu")["mamba_ssm"] == "inactive: HNET_DISABLE_FUSED=1"
