@@ -5,6 +5,13 @@
 --mamba-src points at an unpacked mamba_ssm source tree whose Triton SSD kernels are loaded
 without the package's compiled extension (so the check runs where mamba-ssm cannot be built).
 Writes a JSON report; exits non-zero if an equivalence check fails its tolerance.
+
+    python scripts/gpu_check.py --device cpu [--triton-interpreter] --out report.json
+
+checks the script itself on a CPU: the throughput code on the tiny config and, with
+--triton-interpreter, the SSD and model comparisons on small sizes through mamba-ssm's Triton
+kernels under Triton's interpreter (tests/model/triton_interpreter.py; float16 stands in for
+bfloat16, which the interpreter cannot compute).
 """
 from __future__ import annotations
 
@@ -29,10 +36,13 @@ def load_mamba_triton(src: str | None) -> None:
 
 
 def rel_err(a, b):
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12))
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
-def check_ssd(torch, device, report):
+def check_ssd(torch, device, report, small: bool = False):
+    """mamba_ssm's chunked scan against ssd_scan on packed documents, forward and gradients, in
+    fp32 and bf16 (`small`: short sizes, float16 for bf16, for Triton's interpreter on a CPU)."""
     from pretrain.model.ssd import ssd_scan
 
     try:
@@ -41,13 +51,15 @@ def check_ssd(torch, device, report):
         report["ssd"] = {"skipped": f"mamba_ssm Triton SSD not importable: {e!r}"}
         return True
     torch.manual_seed(0)
-    b, L, h, p, n = 2, 4096, 16, 64, 128
-    lengths = [1000, 1, 2047, 1048]
+    b, L, h, p, n = (1, 192, 2, 16, 16) if small else (2, 4096, 16, 64, 128)
+    lengths = [50, 1, 77, 64] if small else [1000, 1, 2047, 1048]
+    chunk = 32 if small else 256
+    half = torch.float16 if small else torch.bfloat16
     seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).int()
     seq = seq.unsqueeze(0).expand(b, -1).contiguous().to(device)
     out = {}
     ok = True
-    for dtype, tol in ((torch.float32, 2e-3), (torch.bfloat16, 3e-2)):
+    for dtype, tol in ((torch.float32, 2e-3), (half, 3e-2)):
         x = torch.randn(b, L, h, p, device=device, dtype=dtype, requires_grad=True)
         dt_raw = (torch.randn(b, L, h, device=device) * 0.5 - 2).to(dtype).requires_grad_(True)
         dt_bias = torch.randn(h, device=device) * 0.1
@@ -55,10 +67,10 @@ def check_ssd(torch, device, report):
         B = torch.randn(b, L, 1, n, device=device, dtype=dtype, requires_grad=True)
         C = torch.randn(b, L, 1, n, device=device, dtype=dtype, requires_grad=True)
         D = torch.randn(h, device=device)
-        y_fused = mamba_chunk_scan_combined(x, dt_raw, A, B, C, chunk_size=256, D=D, dt_bias=dt_bias,
+        y_fused = mamba_chunk_scan_combined(x, dt_raw, A, B, C, chunk_size=chunk, D=D, dt_bias=dt_bias,
                                             dt_softplus=True, seq_idx=seq)
         dt = torch.nn.functional.softplus(dt_raw.float() + dt_bias)
-        y_pure = ssd_scan(x, dt, A, B, C, 256, seq) + x * D.to(dtype).unsqueeze(-1)
+        y_pure = ssd_scan(x, dt, A, B, C, chunk, seq) + x * D.to(dtype).unsqueeze(-1)
         g = torch.randn_like(y_fused)
         grads_fused = torch.autograd.grad(y_fused, (x, dt_raw, B, C), g)
         grads_pure = torch.autograd.grad(y_pure, (x, dt_raw, B, C), g)
@@ -73,7 +85,9 @@ def check_ssd(torch, device, report):
     return ok
 
 
-def check_model(torch, device, report):
+def check_model(torch, device, report, small: bool = False):
+    """The tiny 1- and 2-stage models' logits on packed documents: fused vs pure path on the
+    device, and the device's pure path vs the CPU's (`small`: shorter documents)."""
     from tests.model.conftest import tiny_model
 
     out, ok = {}, True
@@ -81,7 +95,7 @@ def check_model(torch, device, report):
         # Triton's tl.dot needs dims of at least 16: widen the SSM heads and state of the tiny model
         model = tiny_model(stages, ssm_cfg=dict(d_state=32, headdim=32, chunk_size=64, d_conv=4, expand=2)).to(device)
         torch.manual_seed(1)
-        lengths = [300, 1, 700, 23]
+        lengths = [100, 1, 60, 23] if small else [300, 1, 700, 23]
         ids = torch.randint(0, 256, (1, sum(lengths)), device=device)
         cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
         with torch.no_grad():
@@ -305,6 +319,8 @@ def main():
     ap.add_argument("--mamba-src", default=None)
     ap.add_argument("--device", default="cuda", help="cpu: a quick run of the same code on tiny sizes (no kernels "
                                                       "to compare there), to check the script itself")
+    ap.add_argument("--triton-interpreter", action="store_true",
+                    help="with --device cpu: also the SSD and model comparisons, small, under Triton's interpreter")
     ap.add_argument("--throughput-budget-s", type=float, default=240.0)
     ap.add_argument("--train", nargs=argparse.REMAINDER, default=None,
                     help="instead of the checks: run python -m pretrain.train with these arguments, mamba_ssm's "
@@ -323,10 +339,19 @@ def main():
 
     device = args.device
     if device == "cpu":
+        ok = True
+        if args.triton_interpreter:
+            from tests.model import triton_interpreter
+
+            triton_interpreter.enable()
         report = {"torch": torch.__version__, "device": "cpu", "kernels": kernels.status("cpu")}
+        if args.triton_interpreter:
+            ok = check_ssd(torch, device, report, small=True)
+            ok &= check_model(torch, device, report, small=True)
+            report["triton_kernel_launches"] = dict(triton_interpreter.LAUNCHES)
+            os.environ.pop("HNET_TRITON_ON_CPU")  # the throughput figures are the CPU path's, as without it
         throughput(torch, device, report, budget_s=args.throughput_budget_s, configs=["tiny"], micro_batches=2,
                    row_bytes=1024, doc_len=256, reps=1)
-        ok = True
     else:
         report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0),
                   "fused_available": kernels.available(), "kernels": kernels.status("cuda")}

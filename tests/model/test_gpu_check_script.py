@@ -37,3 +37,30 @@ def test_cpu_mode_reports_throughput_of_hnet_and_its_baseline(tmp_path):
     assert hnet["flops_per_byte"] == pytest.approx(measured, rel=1e-9)
     assert measured != pytest.approx(flops_per_byte(tiny, tiny.ratio_targets, 256), rel=1e-3)
     assert "mfu" not in hnet, "no MFU without a known peak"
+
+
+@pytest.mark.slow
+def test_cpu_mode_runs_the_kernel_comparisons_under_the_triton_interpreter(tmp_path):
+    """The GPU check's SSD and model comparisons, which otherwise run only on a lent GPU, on small
+    sizes through mamba-ssm's Triton kernels (tests/model/triton_interpreter.py)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.model import triton_interpreter
+
+    why = triton_interpreter.missing()
+    if why:
+        pytest.fail(f"{why}: this test needs `make setup`'s Triton and mamba-ssm sources")
+    out = tmp_path / "gpu_check.json"
+    res = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--triton-interpreter",
+                          "--out", str(out)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["kernels"]["mamba_ssm"].startswith("active (Triton interpreter")
+    assert set(report["ssd"]) == {"torch.float32", "torch.float16"}
+    assert all(r["pass"] for r in report["ssd"].values()), report["ssd"]
+    assert report["ssd"]["torch.float32"]["forward_rel_err"] < 1e-5
+    assert set(report["model"]) == {"1-stage", "2-stage"} and all(r["pass"] for r in report["model"].values())
+    launched = report["triton_kernel_launches"]
+    assert launched.get("_chunk_scan_fwd_kernel", 0) > 0, launched
+    assert any("_bwd_" in k for k in launched), launched  # the gradients went through the kernels too
+    assert report["throughput_train_step"]["tiny/hnet"]["bytes_per_s"] > 0
