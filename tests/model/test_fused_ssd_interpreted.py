@@ -5,12 +5,13 @@ On a GPU, Mamba2.forward hands the chunked scan to mamba_ssm's `mamba_chunk_scan
 rest of the suite checks against the public H-Net. These tests run the Triton kernels
 themselves under Triton's interpreter (tests/model/triton_interpreter.py) and check that the
 fused path computes what the pure one does: the kernel on packed documents, forward and every
-gradient; the whole model, 1 and 2 stages; and the model under half-precision autocast, where
-the kernel takes half x, dt, B, C beside fp32 A, D and dt_bias, as under bf16 autocast on a GPU.
+gradient, in fp32, bf16 and fp16; the whole model, 1 and 2 stages; and the model under bf16
+autocast, the trainer's GPU precision, where the kernel takes bf16 x, dt, B, C beside fp32 A, D
+and dt_bias.
 
-Where the line is: the interpreter computes bfloat16 `tl.dot` on the raw bit patterns
-(triton-lang/triton#11584, still so in Triton 3.9), so float16 stands in for bfloat16 here; the
-GPU check (scripts/gpu_check.py) compares the two paths in bf16 on a device.
+Where the line is: the interpreter runs the kernels' arithmetic in NumPy, not a GPU's; its
+bfloat16 products are mended (triton_interpreter.py says how). The GPU check
+(scripts/gpu_check.py) compares the two paths on a device, at full sizes.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def packed_seq_idx(lengths: list[int]) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).int().unsqueeze(0).contiguous()
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
 def test_kernel_matches_the_pure_scan_on_packed_documents(interpreter, dtype, tol):
     """mamba_chunk_scan_combined with seq_idx, D, dt_bias and softplus, as Mamba2.forward calls it,
     against ssd_scan in fp32 on the same inputs: the output and the gradients of all seven inputs.
@@ -139,19 +140,20 @@ def test_model_on_the_fused_scan_matches_the_pure_path(interpreter, stages):
     assert rel(grads_f[worst], grads_p[worst]) < 1e-4, (worst, rel(grads_f[worst], grads_p[worst]))
 
 
-def test_model_under_half_autocast_is_no_worse_on_the_fused_scan(interpreter):
-    """Under autocast the kernel gets half activations and fp32 parameters, as under bf16 on a GPU.
+def test_model_under_bf16_autocast_is_no_worse_on_the_fused_scan(interpreter):
+    """Under bf16 autocast, as the trainer runs on a GPU, the kernel gets bf16 activations and
+    fp32 parameters.
     Against the fp32 model, the fused path's error in logits and gradients stays within the pure
     path's at the same precision (the two differ only in the scan)."""
     model = tiny_model(1, ssm_cfg=SSM).train()
     ids, cu = packed_batch()
     ref_logits, ref_grads = run_model(model, ids, cu, fused=False)
     before = launches()
-    fused_logits, fused_grads = run_model(model, ids, cu, fused=True, autocast_dtype=torch.float16)
+    fused_logits, fused_grads = run_model(model, ids, cu, fused=True, autocast_dtype=torch.bfloat16)
     assert launches() > before
-    pure_logits, pure_grads = run_model(model, ids, cu, fused=False, autocast_dtype=torch.float16)
+    pure_logits, pure_grads = run_model(model, ids, cu, fused=False, autocast_dtype=torch.bfloat16)
     ref_all = all_grads(ref_grads)
     fused_err = (rel(fused_logits, ref_logits), rel(all_grads(fused_grads), ref_all))
     pure_err = (rel(pure_logits, ref_logits), rel(all_grads(pure_grads), ref_all))
-    assert all(0 < p < 2e-2 for p in pure_err), pure_err  # autocast did run in half precision
+    assert all(0 < p < 5e-2 for p in pure_err), pure_err  # autocast did run in bf16
     assert all(f <= 1.5 * p + 1e-4 for f, p in zip(fused_err, pure_err)), (fused_err, pure_err)

@@ -5,20 +5,24 @@ memory: the same kernel source, launch grid, block shapes and masks as on a GPU,
 With it the tests check on this CPU-only machine what the GPU path adds to the model: the call
 into `mamba_chunk_scan_combined` (argument layout, `seq_idx` resets between packed documents,
 D skip, dt bias and softplus, dtypes and strides) and its backward, inside the model and under
-ZeRO-3 training. What it cannot check is a GPU's: timing, shared memory limits, the autotuned
-block sizes' numerics.
+ZeRO-3 training, in fp32 and bf16. What it cannot check is a GPU's: timing, shared memory
+limits, the autotuned block sizes' numerics.
 
 `make setup` puts the two things this needs outside .venv (triton would otherwise be imported by
 every DeepSpeed start): Triton under .cache/triton and mamba-ssm's Python sources under
 .cache/mamba_src (scripts/fetch_mamba_src.py). mamba_ssm's package __init__ imports its compiled
 CUDA extension, so the package is registered from its source directory without running it.
 
-Three things in mamba_ssm and Triton assume a CUDA device; `enable()` replaces them for the
-interpreter only:
+Three things in mamba_ssm and Triton assume a CUDA device, and the interpreter gets bfloat16
+matrix products wrong; `enable()` mends the four, for the interpreter only:
   - `torch.cuda.device(index)` around each launch: a no-op (a CPU tensor's device index is None);
   - `torch.cuda.get_device_properties(...).multi_processor_count`, which sizes two backward
     grids: a fixed count (the results do not depend on it, only how work is split);
-  - Triton's autotuner benchmarks its configurations on a GPU driver: the first one is taken.
+  - Triton's autotuner benchmarks its configurations on a GPU driver: the first one is taken;
+  - the interpreter keeps bfloat16 as its uint16 bit patterns, and its `tl.dot` multiplies those
+    patterns as integers (triton-lang/triton#11584; so in Triton 3.9): bfloat16 operands are
+    widened to float32 first, which is what a GPU's bf16 dot computes (bf16 products are exact in
+    fp32, and it accumulates in fp32).
 
 Used in-process (`enable()`, then `LAUNCHES` counts the kernel launches by kernel name) or as a
 launcher, which prints a line at a process's first kernel launch so that a test can tell the
@@ -86,6 +90,23 @@ def enable() -> None:
 
         autotuner.Autotuner.run = run_first_config
         autotuner.Autotuner._hnet_first_config = True
+    if not getattr(interpreter.InterpreterBuilder, "_hnet_bf16_dot", False):
+        import numpy as np
+        import triton.language as tl
+
+        dot = interpreter.InterpreterBuilder.create_dot
+
+        def widened(t):
+            if t.dtype != tl.bfloat16:
+                return t
+            return interpreter.TensorHandle(
+                interpreter._convert_float(t.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
+
+        def create_dot(self, a, b, d, *args, **kwargs):
+            return dot(self, widened(a), widened(b), d, *args, **kwargs)
+
+        interpreter.InterpreterBuilder.create_dot = create_dot
+        interpreter.InterpreterBuilder._hnet_bf16_dot = True
     if not getattr(interpreter.InterpretedFunction, "_hnet_counted", False):
         launch = interpreter.InterpretedFunction.run
 
