@@ -4,8 +4,7 @@ The trainer on a GPU takes the fused scan (a torch.autograd.Function that reads 
 layer's D and dt_bias directly) under ZeRO-3's parameter gathering and release. Here both ranks
 run `python -m pretrain.train` under Triton's interpreter (tests/model/triton_interpreter.py),
 over gloo, and their losses and gradient norms must equal those of the same run on the pure
-path. bf16 is out of reach of the interpreter (tests/model/test_fused_ssd_interpreted.py says
-why): the run is fp32.
+path: to fp32 rounding in fp32, and within bf16 noise under bf16 autocast, the GPU's precision.
 """
 from __future__ import annotations
 
@@ -26,14 +25,17 @@ LAUNCHER = str(REPO / "tests" / "model" / "triton_interpreter.py")
 STEPS = 2
 
 
-def test_zero3_training_on_the_fused_scan_equals_the_pure_path(tmp_path, demo_shards):
+@pytest.mark.parametrize("precision,loss_tol,grad_norm_tol", [("fp32", 1e-5, 1e-4), ("bf16", 2e-3, 1e-2)])
+def test_zero3_training_on_the_fused_scan_equals_the_pure_path(tmp_path, demo_shards, precision, loss_tol,
+                                                               grad_norm_tol):
     why = triton_interpreter.missing()
     if why:
         pytest.fail(f"{why}: this test needs `make setup`'s Triton and mamba-ssm sources")
     # Short micro-batches: the interpreter's cost grows with the chunks it scans (about 10 s of
     # one core per micro-batch of 256 bytes through the tiny config's two Mamba-2 layers).
     common = [f"data.train_index=[{demo_shards['train']}]", f"train.steps={STEPS}", "train.log_every=1",
-              "tracking.enabled=false", "data.micro_batch_bytes=256", "data.step_bytes=1024"]
+              "tracking.enabled=false", "data.micro_batch_bytes=256", "data.step_bytes=1024",
+              f"train.precision={precision}"]
     runs = {}
     for name, launch in (("pure", [PY]), ("fused", [PY, LAUNCHER])):
         run_dir = tmp_path / name
@@ -55,5 +57,5 @@ def test_zero3_training_on_the_fused_scan_equals_the_pure_path(tmp_path, demo_sh
     for step in pure:
         p, f = pure[step], fused[step]
         assert f["n_micro"] == p["n_micro"] and f["bytes"] == p["bytes"]
-        assert abs(f["loss"] - p["loss"]) <= 1e-5 * abs(p["loss"]), (step, p["loss"], f["loss"])
-        assert abs(f["grad_norm"] - p["grad_norm"]) <= 1e-4 * p["grad_norm"], (step, p["grad_norm"], f["grad_norm"])
+        assert abs(f["loss"] - p["loss"]) <= loss_tol * abs(p["loss"]), (step, p["loss"], f["loss"])
+        assert abs(f["grad_norm"] - p["grad_norm"]) <= grad_norm_tol * p["grad_norm"], (step, p, f)
