@@ -85,7 +85,7 @@ class TrainSection:
     seed: int = 0
     activation_checkpointing: bool = False
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
-    log_every: int = 10  # console line and tracking flush cadence (steps)
+    log_every: int = 10  # steps between console lines (and cost-model updates from the measured compression)
     eval_every: int = 0  # 0 = only at the end (when eval_index is set)
     eval_max_steps: int = 0  # 0 = the whole held-out set
     deterministic: bool = False  # torch.use_deterministic_algorithms (exact-resume tests)
@@ -214,6 +214,41 @@ class ExperimentConfig:
             raise ConfigError("checkpoint.keep_last must be >= 1")
         if self.checkpoint.reshard_timeout_s <= 0:
             raise ConfigError(f"checkpoint.reshard_timeout_s must be > 0, got {self.checkpoint.reshard_timeout_s}")
+        self._validate_ranges()
+
+    def _validate_ranges(self) -> None:
+        """Numbers outside their meaning stop at start: a step cadence of 0 would divide by zero
+        hours in, a negative one would checkpoint every step, a negative min_lr_ratio would ascend
+        the loss for the whole decay."""
+        o, s, t, d, c, tr = self.optim, self.schedule, self.train, self.data, self.checkpoint, self.tracking
+        _at_least("optim.lr", o.lr, 0, strict=True)
+        for i, beta in enumerate(o.betas):
+            if not 0 <= beta < 1:
+                raise ConfigError(f"optim.betas[{i}] must lie in [0, 1), got {beta}")
+        _at_least("optim.eps", o.eps, 0)
+        _at_least("optim.weight_decay", o.weight_decay, 0)
+        _at_least("optim.grad_clip", o.grad_clip, 0, meaning="0 = off")
+        if not 0 <= s.min_lr_ratio <= 1:
+            raise ConfigError(f"schedule.min_lr_ratio must lie in [0, 1] (the final lr as a fraction of the "
+                              f"peak), got {s.min_lr_ratio}")
+        for i, m in enumerate(s.lr_multipliers or []):
+            _at_least(f"schedule.lr_multipliers[{i}]", m, 0, strict=True)
+        _at_least("train.log_every", t.log_every, 1)
+        _at_least("train.eval_every", t.eval_every, 0, meaning="0 = only at the end")
+        _at_least("train.eval_max_steps", t.eval_max_steps, 0, meaning="0 = the whole held-out set")
+        _at_least("train.max_bad_steps", t.max_bad_steps, 1)
+        _at_least("train.peak_tflops", t.peak_tflops, 0, meaning="0 = look up by GPU name")
+        _at_least("train.collective_timeout_s", t.collective_timeout_s, 0, strict=True)
+        _at_least("data.num_workers", d.num_workers, 0)
+        _at_least("data.round_to", d.round_to, 1)
+        if d.micro_batch_bytes % d.round_to:
+            raise ConfigError(f"data.micro_batch_bytes ({d.micro_batch_bytes}) must be a multiple of "
+                              f"data.round_to ({d.round_to})")
+        _at_least("data.eval_step_bytes", d.eval_step_bytes, 0, meaning="0 = same as data.step_bytes")
+        _at_least("checkpoint.every", c.every, 0, meaning="0 = only at the end and on a signal")
+        _at_least("checkpoint.keep_every", c.keep_every, 0, meaning="0 = off")
+        _at_least("tracking.flush_every", tr.flush_every, 1)
+        _at_least("tracking.max_failures", tr.max_failures, 1)
 
     def hash(self) -> str:
         """Stable hash of the resolved config (the model part decides checkpoint compatibility)."""
@@ -232,6 +267,12 @@ def _check_index(key: str, path: str, allow_pipe_urls: bool) -> None:
         load_indexes([path], allow_pipe_urls)
     except DataError as e:
         raise ConfigError(f"data.{key}: {e}") from None
+
+
+def _at_least(key: str, value: float, low: float, strict: bool = False, meaning: str = "") -> None:
+    if not (value > low if strict else value >= low):  # also refuses NaN
+        note = f" ({meaning})" if meaning else ""
+        raise ConfigError(f"{key} must be {'>' if strict else '>='} {low:g}{note}, got {value}")
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
@@ -276,6 +317,12 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        # YAML 1.1 (PyYAML) reads `1e-3` without a dot as a string: a number written so is a number
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -345,7 +392,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, val
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"--config: no such file {path!r}")
-        tree = yaml.safe_load(p.read_text()) or {}
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     for arg in overrides or []:

@@ -33,6 +33,42 @@ def test_errors_name_the_key(override, named, demo_shards):
         load_config(TINY, [f"data.train_index=[{demo_shards['train']}]", override])
 
 
+@pytest.mark.parametrize("override, named", [
+    ("optim.lr=0", "optim.lr"), ("optim.lr=-1e-3", "optim.lr"), ("optim.betas=[0.9, 1.0]", r"optim.betas\[1\]"),
+    ("optim.eps=-1", "optim.eps"), ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("schedule.min_lr_ratio=-0.5", "schedule.min_lr_ratio"), ("schedule.min_lr_ratio=3", "schedule.min_lr_ratio"),
+    ("schedule.lr_multipliers=[2.0, 0]", r"schedule.lr_multipliers\[1\]"),
+    ("train.log_every=0", "train.log_every"), ("train.eval_every=-5", "train.eval_every"),
+    ("train.eval_max_steps=-1", "train.eval_max_steps"), ("train.collective_timeout_s=0", "train.collective_timeout_s"),
+    ("data.round_to=0", "data.round_to"), ("data.round_to=3000", "data.round_to"),
+    ("data.eval_step_bytes=-5", "data.eval_step_bytes"), ("checkpoint.every=-1", "checkpoint.every"),
+    ("tracking.flush_every=0", "tracking.flush_every"), ("optim.lr=nan", "optim.lr"),
+])
+def test_values_outside_their_meaning_are_refused_at_start(override, named, demo_shards):
+    # each would otherwise surface hours in (a modulo by zero, a first evaluation that raises) or
+    # train silently wrong (a checkpoint every step, a negative learning rate through the decay)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(TINY, [f"data.train_index=[{demo_shards['train']}]", override])
+
+
+def test_numbers_in_exponent_notation_are_numbers(tmp_path, demo_shards):
+    # PyYAML (YAML 1.1) reads 1e-3 without a dot as a string; the default of optim.eps is written so
+    cfg = load_config(TINY, [f"data.train_index=[{demo_shards['train']}]", "optim.eps=1e-8", "optim.lr=3e-3"])
+    assert cfg.optim.eps == 1e-8 and cfg.optim.lr == 3e-3
+    f = tmp_path / "c.yaml"
+    f.write_text(f"data:\n  train_index: [{demo_shards['train']}]\noptim:\n  lr: 2e-4\n")
+    assert load_config(str(f)).optim.lr == 2e-4
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
+        load_config(str(f), ["optim.lr=fast"])
+
+
+def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("train:\n  steps: [1, 2\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(str(f))
+
+
 def test_missing_index_and_empty_list_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="data.train_index is empty"):
         load_config(TINY, ["data.train_index=[]"])
@@ -46,6 +82,7 @@ def test_shipped_configs_parse_and_resolve_the_model(name):
 
     cfg = load_config(str(CONFIGS / f"{name}.yaml"), validate=False)
     model = HNetConfig.from_dict(cfg.model_dict())
+    cfg._validate_ranges()  # the shipped values are in range (the indexes are not on this machine)
     if name == "hnet_1stage_L":
         assert model.d_model == [1024, 1536] and model.num_stages == 1
     if name == "hnet_2stage_L":
