@@ -20,12 +20,14 @@ from parallel.distributed import all_gather_object
 
 @dataclass
 class TrainState:
-    """The loop's counters: optimizer steps done, real bytes trained on, and the current run of
-    consecutive non-finite steps (saved, so a requeue cannot reset the train.max_bad_steps guard)."""
+    """The loop's counters: optimizer steps done, real bytes trained on, the current run of
+    consecutive non-finite steps (saved, so a requeue cannot reset the train.max_bad_steps guard),
+    and whether the final evaluation is still to do."""
 
     step: int = 0
     bytes_seen: int = 0
     bad_steps_in_a_row: int = 0
+    eval_pending: bool = False  # a signal at the final step came before its evaluation: the next launch does it
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -34,6 +36,7 @@ class TrainState:
         self.step = int(state["step"])
         self.bytes_seen = int(state["bytes_seen"])
         self.bad_steps_in_a_row = int(state.get("bad_steps_in_a_row", 0))
+        self.eval_pending = bool(state.get("eval_pending", False))
 
 
 @dataclass

@@ -62,7 +62,7 @@ class Trainer:
         self.signals.install()
         self.state, self.tracking = TrainState(), TrackingState()
         self.lease, self.lease_how = None, ""  # the run directory's lease, held by global rank 0
-        self.resume_changes: dict = {}  # settings that differ from the checkpoint's (train.steps, optim, schedule)
+        self.resume_changes: dict = {}  # settings that differ from the checkpoint's config
 
     def log(self, msg: str) -> None:
         if self.info.rank == 0:
@@ -87,13 +87,20 @@ class Trainer:
         self.check()
         self.build()
         self.maybe_resume()
+        self.write_run_files()  # after the resume: a run it refuses leaves the run directory's files as they were
         self.start_tracking()
+        self.timers = RunTimers()
+        self.start_step = self.state.step
         if self.state.step >= self.cfg.train.steps:
+            if self.state.eval_pending and self.eval_due(self.state.step) and not self.completed_before():
+                # the last attempt was signalled at the final step: it saved before evaluating
+                self.log(f"step {self.state.step}: the final evaluation the last attempt left for a signal")
+                self.evaluate(self.state.step)
+                self.state.eval_pending = False
+                return self.finish(STATUS_COMPLETED)
             self.log(f"nothing to do: checkpoint step {self.state.step} >= train.steps {self.cfg.train.steps}")
             self.tracker.finish()
             return STATUS_COMPLETED
-        self.timers = RunTimers()
-        self.start_step = self.state.step
         try:
             status = self.loop()
         except BaseException:
@@ -101,6 +108,19 @@ class Trainer:
             self.tracker.finish("FAILED")
             raise
         return self.finish(status)
+
+    def completed_before(self) -> bool:
+        """Whether an earlier launch already completed this run at this step (its summary.json says
+        so): the checkpoint's eval_pending cannot be cleared once the evaluation it owes is done."""
+        done = {}
+        if self.info.rank == 0:  # the one that wrote it; every rank must take the same branch
+            try:
+                with open(os.path.join(self.cfg.run_dir, "summary.json")) as f:
+                    done = json.load(f)
+            except (OSError, ValueError):
+                pass
+        done = broadcast_object(done)
+        return done.get("status") == STATUS_COMPLETED and done.get("step") == self.state.step
 
     def loop(self) -> str:
         cfg, state = self.cfg, self.state
@@ -124,8 +144,7 @@ class Trainer:
             if self.loader is not None and cfg.data.cost_balance and step % cfg.train.log_every == 0 \
                     and not res.skipped:
                 feed_compression(self.loader, self.model_cfg, res.compression)
-            self.maybe_evaluate(step)
-            status = self.maybe_checkpoint_and_stop(step)
+            status = self.end_of_step(step)
             if status:
                 return status
         return STATUS_COMPLETED
@@ -211,7 +230,8 @@ class Trainer:
         if cfg.train.deterministic:
             deterministic_cuda_env(torch.cuda.is_available())
             torch.use_deterministic_algorithms(True)
-        self.write_run_files()
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        self.config_yaml = dump_yaml(cfg)
         self.executor, self.group_mults, self.level_mults = build_executor(cfg, info, self.model_cfg, self.ds_config)
         self.loader = self.make_loader()
         self.schedule = build_schedule(cfg, cfg.train.steps)
@@ -239,8 +259,6 @@ class Trainer:
 
     def write_run_files(self) -> None:
         """The resolved config (and DeepSpeed config) in the run directory, from rank 0."""
-        os.makedirs(self.cfg.run_dir, exist_ok=True)
-        self.config_yaml = dump_yaml(self.cfg)
         if self.info.rank != 0:
             return
         print("[train] resolved config:\n" + self.config_yaml, flush=True)
@@ -264,7 +282,9 @@ class Trainer:
                  f"({self.state.bytes_seen:,} bytes seen; written by {meta['world_size']} ranks, now {info.world_size})")
         self.resume_changes = self.ckpts.changed_settings(self.resume_tag, self.cfg.to_dict())
         for key, (old, new) in self.resume_changes.items():
-            self.log(f"resumed with a changed setting: {key} {old!r} -> {new!r} (the schedule follows the new value)")
+            moves_lr = key.startswith(("train.steps", "optim.", "schedule."))
+            self.log(f"resumed with a changed setting: {key} {old!r} -> {new!r}"
+                     + (" (the schedule follows the new value)" if moves_lr else ""))
 
     def start_tracking(self) -> None:
         """The MLflow run (rank 0; the same run as before a resume) and the metric reporter."""
@@ -307,10 +327,11 @@ class Trainer:
                 f"stopping at step {step}: {bad} consecutive steps with a non-finite loss or gradient "
                 f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); last bad micro-batches: {keys[:16]}")
 
-    def maybe_evaluate(self, step: int) -> None:
+    def eval_due(self, step: int) -> bool:
         t = self.cfg.train
-        if not self.cfg.data.eval_index or not ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
-            return
+        return bool(self.cfg.data.eval_index) and ((t.eval_every and step % t.eval_every == 0) or step == t.steps)
+
+    def evaluate(self, step: int) -> None:
         if hasattr(self.loader, "settle"):
             self.loader.settle()  # the held-out loaders gather over the training loader's group
         t0 = time.perf_counter()
@@ -333,24 +354,38 @@ class Trainer:
             f.write(page)
         self.tracker.log_artifact_text(f"chunks/step{step:08d}.html", page)
 
-    def maybe_checkpoint_and_stop(self, step: int) -> str | None:
-        """Checkpoints on the cadence, at the end, and when any rank was signalled or STOP exists;
-        returns the status to leave with, or None to go on."""
+    def end_of_step(self, step: int) -> str | None:
+        """Evaluates and checkpoints on their cadences and at the end; when any rank was signalled
+        or STOP exists, checkpoints first and does not evaluate (a preemption's grace time is for the
+        checkpoint, and a full held-out pass can outlast it). Returns the status to leave with, or
+        None to go on."""
         signalled, stopped, lease_lost = self.stops.poll()  # all ranks agree: they save and leave at one step
         if lease_lost:
             raise TrainingError(f"stopping at step {step} without a checkpoint: another launch took over the "
                                 f"lease of {self.cfg.run_dir} (it judged ours stale); that launch owns it now")
-        every = self.cfg.checkpoint.every
-        if (every and step % every == 0) or step == self.cfg.train.steps or signalled or stopped:
-            self.save_checkpoint(step)
+        final = step == self.cfg.train.steps
+        if not (signalled or stopped):
+            if self.eval_due(step):
+                self.evaluate(step)
+            every = self.cfg.checkpoint.every
+            if (every and step % every == 0) or final:
+                self.save_checkpoint(step)
+            self.faults.after_checkpoint(step, lambda: self.tracker.flush(wait=True))
+            return None
+        skipped_eval = self.eval_due(step)
+        if skipped_eval:
+            self.log(f"step {step}: evaluation skipped, {'a signal' if signalled else 'STOP'} came first"
+                     + ("; the next launch of this run does it" if final else ""))
+        self.state.eval_pending = final and skipped_eval  # saved with the checkpoint below
+        self.save_checkpoint(step)
         self.faults.after_checkpoint(step, lambda: self.tracker.flush(wait=True))
+        if final and not skipped_eval:
+            return None  # the run is complete: nothing is left for a requeue or a relaunch
         if stopped:
             self.log(f"STOP file found in {self.cfg.run_dir}: stopping for good at step {step}")
             return STATUS_STOPPED
-        if signalled:
-            self.log(f"signal received: checkpoint at step {step} written, leaving for a requeue")
-            return STATUS_PREEMPTED
-        return None
+        self.log(f"signal received: checkpoint at step {step} written, leaving for a requeue")
+        return STATUS_PREEMPTED
 
     def save_checkpoint(self, step: int) -> None:
         self.tracker.flush(wait=True)  # the steps up to this checkpoint are in the store before it exists
