@@ -169,9 +169,16 @@ class MlflowTracker(NullTracker):
         self.uri = uri
         self.flush_every = max(1, flush_every)
         self.client, exp_id = open_client(uri, experiment)
-        self.resumed = run_id is not None
-        if run_id is not None:
-            run = self.client.get_run(run_id)  # raises if the store lost it: better than a silent new run
+        run = _existing_run(self.client, run_id) if run_id is not None else None
+        if run_id is not None and run is None:
+            # The store answers but does not hold the checkpoint's run: resumed against another
+            # store (tracking.uri, $MLFLOW_TRACKING_URI or the working directory changed), or its
+            # database was replaced. Going offline would lose the rest of the run; a new run here
+            # that names the old one keeps it comparable.
+            warn(f"[tracking] warning: MLflow run {run_id} of this checkpoint is not in {uri}; logging to a new "
+                 f"run there, tagged continues_run_id={run_id} (the earlier steps stay in the store that has it)")
+        self.resumed = run is not None
+        if run is not None:
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run.info.run_id
             restarts = int(run.data.tags.get("restart_count", "0")) + 1
@@ -186,8 +193,10 @@ class MlflowTracker(NullTracker):
                 self.client.set_tag(run_id, f"restart_{restarts}.from_step", str(resume_step))
         else:
             tags = {"restart_count": "0"}
-            if resume_step is not None:  # a checkpoint without a run id (tracking was off, or another store)
+            if resume_step is not None:  # a checkpoint without a run id (tracking was off), or another store
                 tags["resumed_from_step"] = str(resume_step)
+            if run_id is not None:
+                tags["continues_run_id"] = run_id
             run = self.client.create_run(exp_id, run_name=run_name or None, tags=tags)
             self.run_id = run.info.run_id
             restarts = 0
@@ -421,6 +430,18 @@ class _Op:
         self.what, self.metrics, self.fn, self.record = what, metrics, fn, record
 
 
+def _existing_run(client, run_id: str):
+    """The run, or None when the store answers that it has no such run (other errors raise)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
 def _param_str(v) -> str:
     s = v if isinstance(v, str) else json.dumps(v)
     return s[:MAX_PARAM_LEN]
@@ -506,27 +527,70 @@ class OfflineTracker(MlflowTracker):
                             "run_name": os.path.basename(os.path.abspath(run_dir))})
 
 
-def replay(run_dir: str, uri: str = "", experiment: str = "") -> tuple[str, int]:
+class ReplayError(Exception):
+    """An unsent-metrics file that cannot be replayed as it is (the message says why)."""
+
+
+def _read_unsent(path: str, warn=print) -> list[dict]:
+    """The records of an unsent file. A process killed mid-append leaves its last line torn: that
+    line is skipped with a warning; an unreadable line before the last one stops the replay."""
+    lines = [line for line in open(path) if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise ReplayError(f"{path}: line {i + 1} is not JSON ({e}); only a torn last line is skipped") from None
+            warn(f"[tracking] warning: {path}: skipped its torn last line (a process killed while writing it)")
+    return records
+
+
+def replay(run_dir: str, uri: str = "", experiment: str = "", warn=print) -> tuple[str, int]:
     """Sends RUN_DIR/unsent_metrics.jsonl to MLflow (the run it names, or a new run); renames the
-    file once sent. Returns (run id, metrics sent)."""
+    file once sent. Returns (run id, metrics sent).
+
+    A replay that fails part way (the store went away again) can be run again: a progress file
+    beside the unsent one keeps the run it sends to and how many records reached it, so the next
+    replay goes on from there instead of sending them twice or creating a second run."""
     from mlflow.entities import Metric, Param, RunTag
 
     path = os.path.join(run_dir, UNSENT_FILE)
+    progress_path = path + ".progress"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"nothing to replay: no {path}")
-    records = [json.loads(line) for line in open(path) if line.strip()]
-    uri = uri or next((r.get("uri") for r in records if r.get("uri")), "") or default_tracking_uri("")
-    run_id = next((r["run_id"] for r in records if r.get("run_id")), None)
-    if run_id is not None:
-        client, _ = open_client(uri)
-    else:
-        opened = next((r for r in records if r.get("kind") == "open"), {})
-        client, exp_id = open_client(uri, experiment or opened.get("experiment") or "hnet-pretrain")
-        run_id = client.create_run(exp_id, run_name=opened.get("run_name"), tags={"replayed_from": path}).info.run_id
+    records = _read_unsent(path, warn)
+    progress = json.load(open(progress_path)) if os.path.isfile(progress_path) else {}
+    uri = uri or progress.get("uri") or next((r.get("uri") for r in records if r.get("uri")), "") \
+        or default_tracking_uri("")
+    run_id = progress.get("run_id") or next((r["run_id"] for r in records if r.get("run_id")), None)
+    opened = next((r for r in records if r.get("kind") == "open"), {})
+    exp_name = experiment or opened.get("experiment") or "hnet-pretrain"
+    client, _ = open_client(uri)
+    if run_id is None or _existing_run(client, run_id) is None:
+        tags = {"replayed_from": path}
+        if run_id is not None:
+            warn(f"[tracking] warning: MLflow run {run_id} is not in {uri}; replaying into a new run tagged "
+                 f"continues_run_id={run_id}")
+            tags["continues_run_id"] = run_id
+        client, exp_id = open_client(uri, exp_name)
+        run_id = client.create_run(exp_id, run_name=opened.get("run_name"), tags=tags).info.run_id
+    done = int(progress.get("records_done", 0)) if progress.get("run_id") == run_id else 0
+
+    def note_progress(n: int) -> None:
+        with open(progress_path + ".tmp", "w") as f:
+            json.dump({"run_id": run_id, "uri": uri, "records_done": n}, f)
+        os.replace(progress_path + ".tmp", progress_path)
+
+    note_progress(done)
     existing = set(client.get_run(run_id).data.params)
     sent, status = 0, None
-    for r in records:
+    for n, r in enumerate(records):
         kind = r.get("kind")
+        if kind == "status":
+            status = r["status"]  # set at the end, whatever was already sent
+        if n < done:
+            continue
         if kind == "metrics":
             ms = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in r["metrics"]]
             for i in range(0, len(ms), BATCH_LIMIT):
@@ -539,11 +603,12 @@ def replay(run_dir: str, uri: str = "", experiment: str = "") -> tuple[str, int]
             existing |= {p.key for p in items}
         elif kind == "tags":
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in r["tags"].items()])
-        elif kind == "status":
-            status = r["status"]
+        note_progress(n + 1)
     if status:
         client.set_terminated(run_id, status=status)
-    os.replace(path, path + f".replayed.{int(time.time())}")
+    stamp = int(time.time())
+    os.replace(path, path + f".replayed.{stamp}")
+    os.replace(progress_path, path + f".replayed.{stamp}.progress")
     return run_id, sent
 
 
@@ -558,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         run_id, n = replay(a.run_dir, a.tracking_uri, a.experiment)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ReplayError) as e:
         print(f"[tracking] error: {e}", file=sys.stderr)
         return 2
     print(f"[tracking] replayed {n} metric values into MLflow run {run_id}")

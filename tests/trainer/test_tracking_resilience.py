@@ -146,3 +146,61 @@ def test_processes_opening_a_fresh_sqlite_store_at_once_leave_it_whole(tmp_path)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     assert client.get_experiment_by_name("shared").experiment_id in exp_ids
+
+
+def test_resumed_against_a_store_without_its_run_logs_to_a_new_run_that_names_it(tmp_path, demo_shards):
+    # The store answers but lacks the checkpoint's run (the working directory, tracking.uri or
+    # $MLFLOW_TRACKING_URI changed): a new run there, not a whole run offline
+    run_dir = tmp_path / "run"
+    first, second = f"sqlite:///{tmp_path / 'first.db'}", f"sqlite:///{tmp_path / 'second.db'}"
+    _, out = run_ranks(train_argv(*args(run_dir, demo_shards, first)), 1, tmp_path, log_dir=tmp_path, timeout=240)
+    old_id = out.split("MLflow run ")[1].split()[0]
+    _, out = run_ranks(train_argv(*args(run_dir, demo_shards, second, f"train.steps={STEPS + 4}")), 1, tmp_path,
+                       log_dir=tmp_path, timeout=240)
+    assert f"MLflow run {old_id} of this checkpoint is not in {second}" in out, out
+    assert "offline" not in out and not (run_dir / "unsent_metrics.jsonl").exists(), out
+    new_id = out.split("MLflow run ")[-1].split()[0]
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=second).get_run(new_id)
+    assert run.data.tags["continues_run_id"] == old_id and run.data.tags["resumed_from_step"] == str(STEPS)
+    assert steps_of(second, new_id) == list(range(STEPS + 1, STEPS + 5))
+    assert steps_of(first, old_id) == list(range(1, STEPS + 1))
+
+
+def test_replay_skips_a_torn_last_line_and_goes_on_after_a_failure(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.tracking import UNSENT_FILE, OfflineLog, _Metric, replay as replay_file
+
+    run_dir, store = tmp_path / "run", f"sqlite:///{tmp_path / 'm.db'}"
+    log = OfflineLog(str(run_dir), None, store)  # what a run that never reached its store writes
+    log.write({"kind": "open", "experiment": "replays", "resume_step": None, "run_name": "run"})
+    for step in range(1, 7):
+        log.metrics([_Metric("train/loss", 1.0 / step, 1000 + step, step)])
+    log.write({"kind": "status", "status": "FINISHED"})
+    with open(run_dir / UNSENT_FILE, "a") as f:
+        f.write('{"run_id": null, "kind": "metr')  # killed while appending
+    sends = []
+    real = MlflowClient.log_batch
+
+    def failing_fourth(self, *a, **kw):  # the store goes away after three sends
+        sends.append(1)
+        if len(sends) == 4:
+            raise ConnectionError("store went away")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", failing_fourth)
+    warnings = []
+    with pytest.raises(ConnectionError):
+        replay_file(str(run_dir), warn=warnings.append)
+    assert any("torn last line" in w for w in warnings)
+    monkeypatch.setattr(MlflowClient, "log_batch", real)
+    run_id, sent = replay_file(str(run_dir), warn=warnings.append)
+    assert sent == 3, "the three values sent before the failure are not sent again"
+    client = MlflowClient(tracking_uri=store)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+    exp = client.get_experiment_by_name("replays")
+    assert len(client.search_runs([exp.experiment_id])) == 1, "the second replay continues the run the first made"
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert not (run_dir / UNSENT_FILE).exists()
