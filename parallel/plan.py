@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -271,6 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--efficiency", type=float, default=0.45, help="achievable share of the peak for the compute")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
+    for flag, value in (("--nodes", a.nodes), ("--gpus-per-node", a.gpus_per_node)):
+        if value < 1:
+            ap.error(f"{flag} must be >= 1, got {value}")
+    if not 0 < a.efficiency <= 1:
+        ap.error(f"--efficiency is a share of the peak, in (0, 1]; got {a.efficiency}")
+    for flag, value in (("--global-batch-bytes", a.global_batch_bytes), ("--micro-batch-bytes", a.micro_batch_bytes)):
+        if value < 0:
+            ap.error(f"{flag} must be > 0 (0 = the config's), got {value}")
+    if not os.path.isfile(a.config):
+        ap.error(f"{a.config}: no such file")
     model_cfg, data = load_model_config(a.config)
     gbb = a.global_batch_bytes or int(data.get("step_bytes", 256 * 8192))  # the paper's 256 x 8192 bytes
     mbb = a.micro_batch_bytes or int(data.get("micro_batch_bytes", 8192))

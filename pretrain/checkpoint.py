@@ -127,7 +127,11 @@ class CheckpointManager:
             raise TrainingError(f"checkpoint {self.root}/{tag} holds no saved state for {missing}: it was written "
                                 f"by a trainer that did not have them; resume it with that version")
         for name, obj in self._stateful.items():
-            obj.load_state_dict(states[name])
+            try:
+                obj.load_state_dict(states[name])
+            except ValueError as e:  # e.g. the loader's: another shard list or data.seed
+                raise TrainingError(f"refusing to resume from {self.root}/{tag}: its saved {name!r} state does "
+                                    f"not fit this run: {e}") from None
 
     def resume_point(self, model_dict: dict, engine: str, pipeline: dict | None = None) -> tuple[str | None, dict | None]:
         """The tag to resume from and its meta (None, None for a fresh run). Raises TrainingError
@@ -162,9 +166,10 @@ class CheckpointManager:
         tag = open(path).read().strip()
         return tag or None
 
-    def changed_settings(self, tag: str, config: dict, prefixes=("train.steps", "optim.", "schedule.")) -> dict:
-        """{key: (checkpoint's value, this run's)} for the settings that move the learning rate or
-        the length of the run (a resumed run may change them on purpose; it must not be silent)."""
+    def changed_settings(self, tag: str, config: dict) -> dict:
+        """{key: (checkpoint's value, this run's)} for every setting that differs from the
+        checkpoint's config (a resumed run may change one on purpose, train.steps or optim.lr, or by
+        a forgotten override, train.precision: neither may be silent)."""
         import yaml
 
         from pretrain.config import flatten
@@ -175,15 +180,26 @@ class CheckpointManager:
         with open(path) as f:
             old = flatten(yaml.safe_load(f) or {})
         new = flatten(config)
-        return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-                if k.startswith(prefixes) and old.get(k) != new.get(k)}
+        return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
     def read_meta(self, tag: str) -> dict:
+        """The tag's meta.json; TrainingError, naming the file and the complete checkpoints there
+        are, when it is missing or unreadable (a deleted or damaged checkpoint, a hand-edited `latest`)."""
         path = os.path.join(self.root, tag, META)
-        if not os.path.isfile(path):
-            raise RuntimeError(f"checkpoint {self.root}/{tag} has no {META}: not written by this trainer")
-        with open(path) as f:
-            return json.load(f)
+        if not os.path.isdir(os.path.join(self.root, tag)):
+            problem = f"{self.root}/{LATEST} names {tag}, which is not there"
+        elif not os.path.isfile(path):
+            problem = f"checkpoint {self.root}/{tag} has no {META}: not written by this trainer, or damaged"
+        else:
+            try:
+                with open(path) as f:
+                    return json.load(f)
+            except (OSError, ValueError) as e:
+                problem = f"cannot read {path} ({type(e).__name__}: {e})"
+        complete = [t for t in self.complete_tags() if t != tag]
+        choice = (f"the complete checkpoints here are {complete}: write the tag to resume from into "
+                  f"{self.root}/{LATEST}" if complete else "there is no other complete checkpoint here")
+        raise TrainingError(f"{problem}; {choice}, or start afresh in another run_dir")
 
     def complete_tags(self) -> list[str]:
         if not os.path.isdir(self.root):

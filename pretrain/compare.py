@@ -427,6 +427,10 @@ def compare(args) -> dict[str, str]:
     if args.smooth and not 0 <= args.smooth < 1:
         raise CompareError(f"--smooth {args.smooth}: the EMA weight must lie in [0, 1)")
     uri = default_tracking_uri(args.tracking_uri or "")
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
+        # opening would create an empty store there; a mistyped path should say so instead
+        raise CompareError(f"no MLflow store at {uri} (no such file): pass --tracking-uri of the store the runs "
+                           f"logged to")
     client, _ = open_client(uri)
     runs = run_data(client, select_runs(client, args.experiment or [], args.runs or [], args.names or [],
                                         args.filter or ""))
@@ -453,10 +457,13 @@ def _stage_metrics(runs: list[RunData]) -> list[str]:
     """train/compression/stage{s} for every stage any selected run's model has."""
     n = 1
     for r in runs:
-        try:
-            n = max(n, len(json.loads(r.params.get("config.model.ratio_targets", "[0]"))))
-        except (ValueError, TypeError):
-            pass
+        # the resolved model's targets: a config that leaves them to the public JSON logs null
+        for key in ("model_resolved.ratio_targets", "config.model.ratio_targets"):
+            try:
+                n = max(n, len(json.loads(r.params.get(key, "null"))))
+                break
+            except (ValueError, TypeError):
+                continue
     return [f"train/compression/stage{s}" for s in range(n)]
 
 

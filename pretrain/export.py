@@ -17,6 +17,7 @@ import sys
 import torch
 
 from pretrain.checkpoint import COMPLETE, CheckpointManager
+from pretrain.errors import TrainingError
 from pretrain.reshard import find_checkpoint_root
 from parallel.step import PlainStep
 
@@ -70,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out")
     ap.add_argument("--tag", default=None)
     a = ap.parse_args(argv)
-    model_path, config_path = export(a.ckpt, a.out, a.tag)
+    try:
+        model_path, config_path = export(a.ckpt, a.out, a.tag)
+    except (FileNotFoundError, TrainingError) as e:  # no checkpoint there, a damaged one
+        print(f"[export] error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {model_path} and {config_path}")
     return 0
 

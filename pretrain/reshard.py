@@ -169,11 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default=None, help="checkpoint tag (default: the one `latest` names)")
     ap.add_argument("--workers", type=int, default=1)
     a = ap.parse_args(argv)
-    root = find_checkpoint_root(a.path)
-    tag = a.tag or CheckpointManager(root).latest_tag()
-    if os.path.isfile(os.path.join(a.path, COMPLETE)) and a.tag is None:
-        tag = os.path.basename(os.path.abspath(a.path))
-    out = convert_to_universal(root, tag, a.workers)
+    try:
+        root = find_checkpoint_root(a.path)
+        tag = a.tag or CheckpointManager(root).latest_tag()
+        if os.path.isfile(os.path.join(a.path, COMPLETE)) and a.tag is None:
+            tag = os.path.basename(os.path.abspath(a.path))
+        out = convert_to_universal(root, tag, a.workers)
+    except (FileNotFoundError, RuntimeError) as e:  # no checkpoint there, an incomplete one, a failed conversion
+        print(f"[reshard] error: {e}", file=sys.stderr)
+        return 2
     print(f"universal checkpoint written to {out}; the next run in this run directory at any number of ranks "
           f"resumes from it")
     return 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pretrain.errors import ConfigError
+from pretrain.errors import ConfigError, TrainingError
 
 BOS, EOS = 254, 255
 MARKS = ["|", "\u2016", "\u00a6", "\u00a6"]
@@ -40,9 +40,11 @@ def load_model(path: str, config_json: str | None = None, device: str = "cpu", d
     if not os.path.exists(path):
         raise ConfigError(f"no checkpoint at {path}")
     if os.path.isfile(path):
-        cfg = config_json or os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-        if not os.path.isfile(cfg):
-            raise ConfigError(f"{path} needs its config JSON: pass --config (no config.json beside it)")
+        beside = [os.path.splitext(path)[0] + ".json", os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")]
+        cfg = config_json or next((c for c in beside if os.path.isfile(c)), None)
+        if cfg is None or not os.path.isfile(cfg):
+            raise ConfigError(f"{path} needs its config JSON: pass --config (neither {' nor '.join(beside)} exists)"
+                              if cfg is None else f"--config {cfg}: no such file")
         model = load_public_checkpoint(path, cfg)
     else:
         from pretrain.checkpoint import COMPLETE, CheckpointManager
@@ -261,7 +263,7 @@ def main(argv=None) -> int:
     try:
         prompts = check_args(a)
         model = load_model(a.checkpoint, a.config, a.device, a.dtype)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, TrainingError) as e:
         print(f"[sample] error: {e}", file=sys.stderr)
         return 2
     gens, stats = generate(model, prompts, a.max_bytes, a.temperature, a.top_k, a.top_p, a.seed,

@@ -71,3 +71,23 @@ def test_a_model_too_large_for_one_gpu_does_not_fit_without_sharding():
     model_cfg, _ = load_model_config(str(REPO / "tests" / "fixtures" / "hnet_2stage_XL.json"))
     layouts = plan(model_cfg, cluster_of(1, 1, "NAME:100:8"), 256 * 8192, 8192)
     assert not any(l.fits and l.zero in ("zero1", "zero2", "zero3") for l in layouts)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--nodes", "0", "--gpus-per-node", "8"], "--nodes must be >= 1"),
+    (["--nodes", "-2", "--gpus-per-node", "8"], "--nodes must be >= 1"),
+    (["--nodes", "1", "--gpus-per-node", "0"], "--gpus-per-node must be >= 1"),
+    (["--nodes", "1", "--gpus-per-node", "8", "--efficiency", "0"], "--efficiency is a share of the peak"),
+    (["--nodes", "1", "--gpus-per-node", "8", "--micro-batch-bytes", "-1"], "--micro-batch-bytes must be > 0"),
+])
+def test_cli_refuses_a_cluster_that_cannot_be(argv, named):
+    # each of these divided by zero or printed negative step times and an sbatch line for -2 nodes
+    res = subprocess.run([PY, "-m", "parallel.plan", str(REPO / "pretrain/configs/hnet_1stage_L.yaml"), *argv],
+                         cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and named in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_cli_names_a_missing_config():
+    res = subprocess.run([PY, "-m", "parallel.plan", "no/such.yaml", "--nodes", "1", "--gpus-per-node", "8"],
+                         cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "no/such.yaml: no such file" in res.stderr and "Traceback" not in res.stderr

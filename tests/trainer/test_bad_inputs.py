@@ -89,3 +89,72 @@ def test_pipe_urls_allowed_train(tmp_path, demo_shards):
     res = run_cli(tmp_path, f"data.train_index=[{piped}]", "data.allow_pipe_urls=true", "train.engine=plain",
                   "train.steps=2", "tracking.enabled=false")
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, demo_shards):
+    """A 2-step plain run with a checkpoint: the run directory the refusals below start from."""
+    tmp = tmp_path_factory.mktemp("plain_run")
+    ok = run_cli(tmp, f"data.train_index=[{demo_shards['train']}]", "train.engine=plain", "train.steps=2",
+                 "tracking.enabled=false")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    return tmp
+
+
+def _copy_run(plain_run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    shutil.copytree(plain_run / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_resume_with_another_data_seed_is_refused_cleanly(plain_run, tmp_path, demo_shards):
+    run = _copy_run(plain_run, tmp_path)
+    before = (run / "config.yaml").read_text()
+    res = run_cli(tmp_path, f"data.train_index=[{demo_shards['train']}]", "train.engine=plain", "train.steps=4",
+                  "tracking.enabled=false", "data.seed=7")
+    expect_failure(res, "refusing to resume from", "step00000002", "'data' state", "seed 0")
+    assert (run / "config.yaml").read_text() == before, "a refused resume leaves the run's config as it was"
+    assert not (run / "run.lease").exists(), "a refused resume releases the run directory"
+
+
+@pytest.mark.slow
+def test_a_latest_that_names_a_missing_or_damaged_checkpoint_is_named(plain_run, tmp_path, demo_shards):
+    run = _copy_run(plain_run, tmp_path)
+    ckpts = run / "checkpoints"
+    common = (f"data.train_index=[{demo_shards['train']}]", "train.engine=plain", "train.steps=4",
+              "tracking.enabled=false")
+    (ckpts / "latest").write_text("step00000099")
+    expect_failure(run_cli(tmp_path, *common), "latest names step00000099, which is not there",
+                   "the complete checkpoints here are ['step00000002']")
+    (ckpts / "latest").write_text("step00000002")
+    (ckpts / "step00000002" / "meta.json").write_text('{"step": 2, "mod')
+    expect_failure(run_cli(tmp_path, *common), "cannot read", "step00000002/meta.json",
+                   "there is no other complete checkpoint here")
+
+
+def _cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    from trainer_harness import PY
+
+    return subprocess.run([PY, *argv], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_checkpoint_tools_name_a_missing_checkpoint(plain_run, tmp_path):
+    missing = str(tmp_path / "nowhere")
+    for module, args, prefix in (("pretrain.export", [missing, str(tmp_path / "out")], "[export] error"),
+                                 ("pretrain.reshard", [missing], "[reshard] error"),
+                                 ("pretrain.sample", [missing, "--prompt", "a"], "[sample] error")):
+        expect_failure(_cli(tmp_path, "-m", module, *args), prefix, "nowhere")
+    # the public naming: NAME.pt with NAME.json beside it, as load_public_checkpoint reads it
+    res = _cli(tmp_path, "-m", "pretrain.export", str(plain_run / "run"), str(tmp_path / "exp"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    (tmp_path / "exp" / "model.pt").rename(tmp_path / "exp" / "hnet_tiny.pt")
+    (tmp_path / "exp" / "config.json").rename(tmp_path / "exp" / "hnet_tiny.json")
+    res = _cli(tmp_path, "-m", "pretrain.sample", str(tmp_path / "exp" / "hnet_tiny.pt"), "--prompt", "ab",
+               "--max-bytes", "4")
+    assert res.returncode == 0 and "--- 0" in res.stdout, res.stderr[-2000:]
+    (tmp_path / "exp" / "hnet_tiny.json").unlink()
+    expect_failure(_cli(tmp_path, "-m", "pretrain.sample", str(tmp_path / "exp" / "hnet_tiny.pt"), "--prompt", "a"),
+                   "needs its config JSON", "hnet_tiny.json")

@@ -112,3 +112,22 @@ def test_group_by_a_param_and_log_back_to_mlflow(store, tmp_path):
     assert "report.html" in {a.path for a in client.list_artifacts(run.info.run_id)}
     res = compare(store, "--experiment", "compare", "--group-by", "config.no.such", "--out", str(tmp_path / "h"))
     assert res.returncode == 2 and "config.no.such" in res.stderr
+
+
+def test_a_store_that_is_not_there_is_named_and_not_created(tmp_path):
+    db = tmp_path / "mistyped.db"
+    res = compare({"db": db, "base": tmp_path}, "--experiment", "hnet-pretrain", "--out", str(tmp_path / "cmp"))
+    assert res.returncode == 2 and f"no MLflow store at sqlite:///{db}" in res.stderr, res.stderr
+    assert not db.exists(), "opening would have created an empty store"
+
+
+def test_stage_columns_come_from_the_resolved_model():
+    from pretrain.compare import RunData, _stage_metrics
+
+    def run(params):
+        return RunData("id", "r", "e", "FINISHED", 0, None, params, {})
+
+    # a config that leaves the targets to its public JSON logs config.model.ratio_targets as null
+    two = run({"config.model.ratio_targets": "null", "model_resolved.ratio_targets": "[3.0, 3.0]"})
+    assert _stage_metrics([two]) == ["train/compression/stage0", "train/compression/stage1"]
+    assert _stage_metrics([run({"config.model.ratio_targets": "[4.0]"})]) == ["train/compression/stage0"]
