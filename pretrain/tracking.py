@@ -75,7 +75,11 @@ def package_versions() -> dict[str, str]:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            out[name] = "absent"
+            # imported from a source tree without package metadata (mamba_ssm's Triton kernels
+            # loaded from its sources, as scripts/gpu_check.sh does): say so, not "absent"
+            mod = sys.modules.get(name)
+            where = getattr(mod, "__path__", None) or [getattr(mod, "__file__", None)]
+            out[name] = f"sources at {where[0]}" if mod is not None and where[0] else "absent"
     return out
 
 

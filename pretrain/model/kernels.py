@@ -138,6 +138,8 @@ def status(device_type: str) -> dict[str, str]:
             out[name] = f"inactive: tensors on {device_type} (fused kernels are CUDA only)"
         elif _module(module) is None:
             out[name] = f"inactive: import failed ({_IMPORT_ERRORS.get(module, 'unknown error')})"
+        elif name == "torch_varlen_attn" and _module("flash_attn") is not None:
+            out[name] = "inactive: flash_attn is installed and is used first"
         elif name == "torch_varlen_attn" and varlen_caller(_module(module).varlen_attn, 0) is None:
             out[name] = "active for layers without a sliding window (this torch's varlen_attn has no window_size)"
         else:

@@ -209,6 +209,8 @@ def test_scancel_is_not_undone_by_a_requeue(slurm_cluster, tiny_shards, workdir)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log
     assert jobcomp_states(job) == ["CANCELLED"], log
     assert "requeueing" not in log.replace("not requeueing", ""), log
+    # the batch shell trapped the SIGTERM (without the trap it dies at once and decides nothing)
+    assert "SIGTERM: the ranks checkpoint at the next step boundary" in log, log
 
 
 @pytest.mark.timeout(300)

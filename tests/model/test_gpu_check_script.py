@@ -64,3 +64,29 @@ def test_cpu_mode_runs_the_kernel_comparisons_under_the_triton_interpreter(tmp_p
     assert launched.get("_chunk_scan_fwd_kernel", 0) > 0, launched
     assert any("_bwd_" in k for k in launched), launched  # the gradients went through the kernels too
     assert report["throughput_train_step"]["tiny/hnet"]["bytes_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_the_prepared_script_checks_itself_on_cpu_and_gates_the_resume(tmp_path):
+    """scripts/gpu_check.sh end to end on CPU (its self-check mode): the kernel JSON, the trainer
+    launched, killed after step 18 and resumed from step 15, the resume judged against an
+    uninterrupted run; $OUT holds only the JSON files and logs (a device run brings back few files)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "DEVICE": "cpu", "CONFIG": "pretrain/configs/tiny.yaml", "PRECISION": "fp32",
+           "OUT": str(out), "WORK": str(work), "OMP_NUM_THREADS": "2", "TRAIN_TIMEOUT_S": "150"}
+    res = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    t = report["trainer"]
+    assert t["ok"] and t["exit_codes"] == {"uninterrupted": 0, "resumed": 0}, t
+    assert t["steps_uninterrupted"] == 30 and t["resumed_from"] == 15 and t["status"] == "completed", t
+    assert t["max_rel_loss_diff_after_resume"] <= 1e-5 and t["losses_finite"], t
+    assert report["checks"]["conv"]["skipped"], "causal-conv1d is CUDA only: the reason is reported"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "kernels.json", "kernels.log", "killed.log",
+                                                     "resumed.log", "straight.log"]
+    # a resume that does not match fails the check: a tolerance no run can meet
+    res = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env={**env, "RESUME_TOL": "-1"},
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 6, res.stdout[-3000:]
+    assert json.loads((out / "gpu_check.json").read_text())["trainer"]["ok"] is False

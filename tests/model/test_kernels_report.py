@@ -90,3 +90,37 @@ def test_triton_kernels_take_cpu_tensors_only_when_asked(monkeypatch):
     monkeypatch.setenv("HNET_DISABLE_FUSED", "1")
     assert kernels.mamba_chunk_scan(t) is None
     assert kernels.status("cpu")["mamba_ssm"] == "inactive: HNET_DISABLE_FUSED=1"
+
+
+def test_varlen_attn_is_reported_inactive_where_flash_attn_is_used(monkeypatch):
+    # attention.py takes flash-attn first; the status must not call torch's varlen_attn active
+    # then (flash-attn cannot be installed here: a module stand-in for the import)
+    import types
+
+    monkeypatch.delenv("HNET_DISABLE_FUSED", raising=False)
+    real = kernels._module
+    monkeypatch.setattr(kernels, "_module", lambda name: types.ModuleType(name) if name == "flash_attn" else real(name))
+    st = kernels.status("cuda")
+    assert st["flash_attn"] == "active"
+    assert st["torch_varlen_attn"] == "inactive: flash_attn is installed and is used first"
+
+
+def test_versions_of_packages_loaded_from_sources_say_so(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    from importlib import metadata
+
+    from pretrain.tracking import package_versions
+
+    try:
+        metadata.version("causal_conv1d")
+        pytest.skip("causal-conv1d is installed here")
+    except metadata.PackageNotFoundError:
+        pass
+    pkg = types.ModuleType("causal_conv1d")
+    pkg.__path__ = [str(tmp_path / "causal_conv1d")]
+    monkeypatch.setitem(sys.modules, "causal_conv1d", pkg)
+    assert package_versions()["causal_conv1d"] == f"sources at {tmp_path / 'causal_conv1d'}"
+    monkeypatch.delitem(sys.modules, "causal_conv1d")
+    assert package_versions()["causal_conv1d"] == "absent"

@@ -35,6 +35,23 @@ def test_mfu_of_two_stage_L_uses_per_level_ratios():
     assert mfu == pytest.approx(right * 1e6 / (989e12 * 8))
 
 
+def test_cost_model_update_uses_per_level_ratios():
+    """The balancer's cost model takes the same measured bytes per chunk (cumulative, 3 and 9 at
+    the targets) through the same conversion: fed 3 and 9, its attention stages sit where the
+    model built at the per-level targets (3, 3) puts them, not at (3, 9)."""
+    from pretrain.model.flops import DocCostModel
+
+    cfg = two_stage_L()
+    fed = DocCostModel.from_model_config(cfg, [2.0, 2.0])
+    fed.update_from_compression(cfg, [3.0, 9.0])
+    at_targets = DocCostModel.from_model_config(cfg, [3.0, 3.0])
+    wrong = DocCostModel.from_model_config(cfg, [3.0, 9.0])
+    bytes_per_position = [t[1] for t in fed.attention_terms]
+    assert bytes_per_position == pytest.approx([t[1] for t in at_targets.attention_terms], rel=1e-12)
+    assert bytes_per_position != pytest.approx([t[1] for t in wrong.attention_terms], rel=1e-3)
+    assert max(bytes_per_position) == pytest.approx(9.0), "the innermost attention runs on 9 bytes a position"
+
+
 def test_peak_by_precision_and_part():
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16")[0] == 989.0
     assert peak_tflops("NVIDIA H100 80GB HBM3", "fp32")[0] == 67.0  # not the bf16 figure

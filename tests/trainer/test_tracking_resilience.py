@@ -204,3 +204,37 @@ def test_replay_skips_a_torn_last_line_and_goes_on_after_a_failure(tmp_path, mon
     assert len(client.search_runs([exp.experiment_id])) == 1, "the second replay continues the run the first made"
     assert client.get_run(run_id).info.status == "FINISHED"
     assert not (run_dir / UNSENT_FILE).exists()
+
+
+def test_store_file_removed_mid_run_completes(tmp_path, demo_shards):
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    run_dir = tmp_path / "run"
+    ranks = Ranks(train_argv(*args(run_dir, demo_shards, uri, "tracking.max_failures=2", "train.steps=30")), 1,
+                  tmp_path, log_dir=tmp_path)
+    try:
+        deadline = time.time() + 180
+        log = run_dir / "train_log.jsonl"
+        while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 4):
+            assert ranks.procs[0].poll() is None, ranks.output()
+            time.sleep(0.2)
+        db.unlink()  # a cleanup job, a user: the store's file is gone while the run writes to it
+        assert ranks.wait(400) == [0], ranks.output()
+    finally:
+        ranks.kill()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed", ranks.output()
+    out = ranks.output(20000)
+    assert "tracking is offline for the rest of this run" in out, out[-3000:]  # SQLite: "readonly database"
+    # What the removed store never took is kept; replayed into another store, which lacks the run,
+    # it becomes a new run that names the old one
+    later = f"sqlite:///{tmp_path / 'later.db'}"
+    res = replay(run_dir, "--tracking-uri", later)
+    assert res.returncode == 0 and f"MLflow run {summary['mlflow_run_id']} is not in {later}" in res.stdout, \
+        res.stdout + res.stderr
+    new_id = res.stdout.split("into MLflow run ")[1].split()[0]
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri=later).get_run(new_id).data.tags["continues_run_id"] == summary["mlflow_run_id"]
+    replayed = steps_of(later, new_id)
+    assert replayed and replayed[-1] == 30 and replayed == list(range(replayed[0], 31)), replayed
