@@ -34,6 +34,50 @@ def load_mamba_triton(src: str | None) -> None:
     sys.modules["mamba_ssm"] = pkg
 
 
+def tile_cost(config) -> int:
+    """Shared memory a Triton config asks for, up to a constant: its tile (the product of its
+    BLOCK_SIZE_* values) times its pipeline stages."""
+    size = 1
+    for name, value in config.kwargs.items():
+        if name.startswith("BLOCK_SIZE_"):
+            size *= value
+    return size * (config.num_stages or 1)
+
+
+def smallest_tiles():
+    """Each of mamba_ssm's autotuned SSD kernels keeps only its configuration of least shared
+    memory, so that a process compiles one variant per kernel instead of benchmarking all of them
+    (about 120 compilations per dtype and shape key in the forward and backward together; minutes
+    of a short GPU lease). What a kernel computes does not depend on its tiles: the equivalence
+    checks and the trainer check run this way, the throughput rows with full autotuning.
+    Returns (number of kernels limited, a function that gives every kernel its full list back and
+    forgets what it had chosen); (0, no-op) where mamba_ssm's Triton kernels are not importable."""
+    import importlib
+
+    try:
+        from triton.runtime.autotuner import Autotuner
+
+        modules = [importlib.import_module(f"mamba_ssm.ops.triton.{m}")
+                   for m in ("ssd_bmm", "ssd_chunk_state", "ssd_state_passing", "ssd_chunk_scan", "ssd_combined")]
+    except Exception:  # noqa: BLE001 - no Triton or no mamba_ssm: nothing is autotuned
+        return 0, lambda: None
+    saved, seen = [], set()
+    for module in modules:
+        for obj in vars(module).values():
+            if isinstance(obj, Autotuner) and len(obj.configs) > 1 and id(obj) not in seen:
+                seen.add(id(obj))
+                saved.append((obj, obj.configs))
+                obj.configs = [min(obj.configs, key=tile_cost)]
+                obj.cache.clear()
+
+    def restore():
+        for obj, configs in saved:
+            obj.configs = configs
+            obj.cache.clear()
+
+    return len(saved), restore
+
+
 def rel_err(a, b):
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
@@ -167,7 +211,7 @@ THROUGHPUT_CONFIGS = {  # name -> model config (a bench dict or a public-style J
 
 
 def throughput(torch, device, report, budget_s: float = 240.0, configs=None, micro_batches: int = 4,
-               row_bytes: int = 8192, doc_len: int = 2048, reps: int = 3):
+               row_bytes: int = 8192, doc_len: int = 2048, reps: int = 3, save=lambda: None):
     """Training steps as the trainer takes them (parallel.step.PlainStep: fp32 parameters, bf16
     autocast on CUDA, fused AdamW, gradient clipping) on packed 8 KB rows of text: bytes/s and
     MFU of each H-Net config (small also on the pure-PyTorch path) and of a FLOP-matched
@@ -189,6 +233,7 @@ def throughput(torch, device, report, budget_s: float = 240.0, configs=None, mic
     batch = _Step(rows)
     out = {"precision": precision, "peak_tflops": peak, "peak_source": peak_source,
            "step_bytes": int(batch.global_bytes), "micro_batches": micro_batches}
+    report["throughput_train_step"] = out
     t_start = time.perf_counter()
     # the L configs first: they are what the figures are for; the budget drops what comes last
     for name in configs or ["hnet_1stage_L", "hnet_2stage_L", "small"]:
@@ -215,10 +260,11 @@ def throughput(torch, device, report, budget_s: float = 240.0, configs=None, mic
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+            save()
         h, t = out.get(f"{name}/hnet", {}), out.get(f"{name}/isotropic_transformer", {})
         if "bytes_per_s" in h and "bytes_per_s" in t:
             out[f"{name}/time_per_byte_hnet_over_isotropic"] = t["bytes_per_s"] / h["bytes_per_s"]
-    report["throughput_train_step"] = out
+        save()
 
 
 def _time_steps(torch, device, cfg, batch, peak, reps, doc_len):
@@ -232,9 +278,11 @@ def _time_steps(torch, device, cfg, batch, peak, reps, doc_len):
     ex = PlainStep(model, opt, n_stages=cfg.num_stages, grad_clip=1.0, device=device,
                    autocast_dtype=torch.bfloat16 if cuda else None)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t = time.perf_counter()
     for _ in range(2):  # warm-up: kernel autotuning, allocator
         res = ex.train_step(batch)
     sync()
+    warmup_s = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(reps):
         res = ex.train_step(batch)
@@ -244,7 +292,8 @@ def _time_steps(torch, device, cfg, batch, peak, reps, doc_len):
     ratios = stage_compression(list(res.compression)) if cfg.num_stages else []
     fpb = flops_per_byte(cfg, ratios, doc_len)
     r = {"params": sum(p.numel() for p in model.parameters()), "layout": json.dumps(cfg.arch_layout),
-         "step_s": dt, "bytes_per_s": bps, "flops_per_byte": fpb, "tflops_per_s": fpb * bps / 1e12,
+         "step_s": dt, "warmup_s_2_steps": warmup_s,  # the first two steps: compilation and autotuning
+         "bytes_per_s": bps, "flops_per_byte": fpb, "tflops_per_s": fpb * bps / 1e12,
          "bytes_per_chunk": list(res.compression), "loss": res.loss}
     if peak:
         r["mfu"] = fpb * bps / (peak * 1e12)
@@ -360,6 +409,9 @@ def main():
     ap.add_argument("--triton-interpreter", action="store_true",
                     help="with --device cpu: also the SSD and model comparisons, small, under Triton's interpreter")
     ap.add_argument("--throughput-budget-s", type=float, default=240.0)
+    ap.add_argument("--smallest-tiles", action="store_true",
+                    help="with --train: each autotuned mamba_ssm kernel compiled in its smallest configuration "
+                         "only (the trainer check tests the GPU path, not the kernels' speed)")
     ap.add_argument("--train", nargs=argparse.REMAINDER, default=None,
                     help="instead of the checks: run python -m pretrain.train with these arguments, mamba_ssm's "
                          "Triton kernels loaded from --mamba-src")
@@ -368,6 +420,9 @@ def main():
     if args.train is not None:
         import runpy
 
+        if args.smallest_tiles:
+            limited, _ = smallest_tiles()
+            print(f"[gpu_check] autotuning off: {limited} mamba_ssm kernels in their smallest tiles", flush=True)
         sys.argv = ["pretrain.train", *args.train]
         runpy.run_module("pretrain.train", run_name="__main__", alter_sys=True)
         return
@@ -392,16 +447,31 @@ def main():
         throughput(torch, device, report, budget_s=args.throughput_budget_s, configs=["tiny"], micro_batches=2,
                    row_bytes=1024, doc_len=256, reps=1)
     else:
+        def save():  # the throughput rows as they come: a part cut short by the timeout keeps the earlier ones
+            Path(args.out).write_text(json.dumps(report, indent=2))
+
         report = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0),
                   "fused_available": kernels.available(), "kernels": kernels.status("cuda"),
                   "triton_f32_default": os.environ.get("TRITON_F32_DEFAULT", "(Triton's: tf32)")}
         ok = True
+        # The comparisons in true fp32: no TF32 in cuDNN's convolutions (on by default) or cuBLAS's
+        # matmuls, and each kernel in one (its smallest) tiling; the throughput rows afterwards run
+        # as training does, with every kernel autotuned.
+        limited, full_autotuning = smallest_tiles()
+        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        report["comparisons_run_with"] = (f"TF32 off; {limited} autotuned mamba_ssm kernels in their smallest tiles "
+                                          "(the throughput rows: TF32 as torch's defaults, full autotuning)")
         # Each part on its own: one that raises (a Triton compile failure, out of memory) is
         # reported and fails the check, the others still run, and the JSON is written after each
         # part, so a part cut short by the caller's timeout leaves the earlier figures.
         for name, fn, gates in (("ssd", check_ssd, True), ("conv", check_conv, True), ("model", check_model, True),
                                 ("attention", check_attention, True), ("host_syncs", check_syncs, False),
-                                ("throughput", lambda *a: throughput(*a, budget_s=args.throughput_budget_s), False)):
+                                ("throughput", lambda *a: throughput(*a, budget_s=args.throughput_budget_s,
+                                                                     save=save), False)):
+            if name == "throughput":
+                full_autotuning()
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
             t0 = time.perf_counter()
             try:
                 passed = fn(torch, device, report)

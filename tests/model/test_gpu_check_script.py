@@ -90,3 +90,46 @@ def test_the_prepared_script_checks_itself_on_cpu_and_gates_the_resume(tmp_path)
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 6, res.stdout[-3000:]
     assert json.loads((out / "gpu_check.json").read_text())["trainer"]["ok"] is False
+
+
+def test_smallest_tiles_limits_every_autotuned_ssd_kernel_and_gives_the_lists_back():
+    """The GPU check compiles each autotuned mamba_ssm kernel once, in its configuration of least
+    shared memory, for the comparisons and the trainer run (all ~120 compilations per key would take
+    minutes of a short lease), and gives the full lists back for the throughput rows."""
+    sys.path.insert(0, str(ROOT))
+    from tests.model import triton_interpreter
+
+    why = triton_interpreter.missing()
+    if why:
+        pytest.fail(f"{why}: this test needs `make setup`'s Triton and mamba-ssm sources")
+    probe = r"""
+import importlib, json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+sys.path.insert(0, sys.argv[2] + "/scripts")
+import gpu_check
+gpu_check.load_mamba_triton(sys.argv[3])
+from triton.runtime.autotuner import Autotuner
+tuners = {}
+for m in ("ssd_bmm", "ssd_chunk_state", "ssd_state_passing", "ssd_chunk_scan", "ssd_combined"):
+    mod = importlib.import_module("mamba_ssm.ops.triton." + m)
+    tuners.update({f"{m}.{k}": v for k, v in vars(mod).items() if isinstance(v, Autotuner)})
+full = {k: list(t.configs) for k, t in tuners.items()}
+for t in tuners.values():
+    t.cache[("a key",)] = t.configs[-1]  # as if one had been tuned before
+limited, restore = gpu_check.smallest_tiles()
+now = {k: list(t.configs) for k, t in tuners.items()}
+smallest = all(len(now[k]) == 1 and gpu_check.tile_cost(now[k][0]) == min(map(gpu_check.tile_cost, full[k]))
+               for k in tuners if len(full[k]) > 1)
+forgot = all(not t.cache for k, t in tuners.items() if len(full[k]) > 1)
+restore()
+back = all(list(t.configs) == full[k] for k, t in tuners.items())
+print(json.dumps({"tuners": len(tuners), "multi": sum(len(c) > 1 for c in full.values()), "limited": limited,
+                  "smallest": smallest, "forgot": forgot, "back": back}))
+"""
+    res = subprocess.run([sys.executable, "-c", probe, str(triton_interpreter.TRITON_DIR), str(ROOT),
+                          str(triton_interpreter.MAMBA_SRC)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["multi"] >= 15 and got["limited"] == got["multi"], got
+    assert got["smallest"] and got["forgot"] and got["back"], got
