@@ -68,9 +68,18 @@ def causal_conv1d(t: torch.Tensor):
     return getattr(mod, "causal_conv1d_fn", None) if mod else None
 
 
+def _flash_shape_dtype(t: torch.Tensor) -> bool:
+    """FlashAttention (flash-attn, and torch's varlen_attn, which is FlashAttention inside torch)
+    takes fp16/bf16 heads whose size is a multiple of 8, up to 256: "head_size must be a multiple
+    of 8" was a tiny test model's error on a GPU. Other heads go to sdpa_packed."""
+    head_dim = t.shape[-1]
+    return t.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
+
+
 def flash_varlen_attention(t: torch.Tensor):
-    """flash-attn's varlen packed-QKV attention, or None (it needs fp16/bf16 CUDA tensors)."""
-    if not _fused_allowed(t) or t.dtype not in (torch.float16, torch.bfloat16):
+    """flash-attn's varlen packed-QKV attention for heads shaped like `t` (T, H, Dh), or None (it
+    needs fp16/bf16 CUDA tensors and FlashAttention's head sizes)."""
+    if not _fused_allowed(t) or not _flash_shape_dtype(t):
         return None
     mod = _module("flash_attn")
     return getattr(mod, "flash_attn_varlen_qkvpacked_func", None) if mod else None
@@ -83,7 +92,7 @@ def torch_varlen_attention(t: torch.Tensor, window: int = -1):
     query at i sees keys i - left .. i, as flash-attn's window_size=(left, -1) with causal=True
     (left -1: no limit), the model's sliding-window convention. torch 2.10's varlen_attn has no
     window (only is_causal): there it serves the layers without one (`window` < 0) only."""
-    if not _fused_allowed(t) or t.dtype not in (torch.float16, torch.bfloat16):
+    if not _fused_allowed(t) or not _flash_shape_dtype(t):
         return None
     if flash_varlen_attention(t) is not None:
         return None  # flash-attn first where it is installed

@@ -124,3 +124,25 @@ def test_versions_of_packages_loaded_from_sources_say_so(monkeypatch, tmp_path):
     assert package_versions()["causal_conv1d"] == f"sources at {tmp_path / 'causal_conv1d'}"
     monkeypatch.delitem(sys.modules, "causal_conv1d")
     assert package_versions()["causal_conv1d"] == "absent"
+
+
+def test_flash_attention_paths_only_for_the_head_sizes_flash_attention_takes(monkeypatch):
+    """On an H200, torch's varlen_attn refused a tiny model's 12-wide heads under bf16 autocast
+    ("head_size must be a multiple of 8"): FlashAttention (torch's or flash-attn's) takes fp16/bf16
+    heads of a multiple of 8 up to 256, the rest go to sdpa_packed. The device is a stand-in (there
+    is no CUDA tensor here), the installed torch's varlen_attn the real one."""
+    import types
+
+    import torch
+
+    monkeypatch.setattr(kernels, "_fused_allowed", lambda t: True)  # as for a CUDA tensor
+    real = kernels._module
+    for flash_installed in (False, True):
+        fake_flash = types.SimpleNamespace(flash_attn_varlen_qkvpacked_func=lambda *a, **k: None)
+        monkeypatch.setattr(kernels, "_module", lambda name: fake_flash if name == "flash_attn" and flash_installed
+                            else (None if name == "flash_attn" else real(name)))
+        pick = kernels.flash_varlen_attention if flash_installed else kernels.torch_varlen_attention
+        for head_dim, taken in ((64, True), (128, True), (256, True), (12, False), (4, False), (320, False)):
+            q = torch.zeros(3, 2, head_dim, dtype=torch.bfloat16)
+            assert (pick(q) is not None) == taken, (flash_installed, head_dim)
+        assert pick(torch.zeros(3, 2, 64)) is None, "fp32 heads: sdpa_packed"
