@@ -72,28 +72,29 @@ class BoundarySums:
 
     def add(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
             masks: list[torch.Tensor], probs: list[torch.Tensor]) -> None:
-        """One packed row: its bytes, documents, logits, labels and every stage's routing."""
-        ids = input_ids.reshape(-1).long()
+        """One packed row: its bytes, documents, logits, labels and every stage's routing. The
+        row's bytes, documents and labels may be the host's (the loader's micro-batch) and the
+        model's outputs a GPU's: the sums are taken on the outputs' device and read once."""
+        dev = logits.device
         n = masks[0].numel()  # real positions (padding at the row's end is not routed here)
-        ids = ids[:n]
-        starts = torch.zeros(n, dtype=torch.bool, device=ids.device)
-        cu = cu_seqlens.long()
+        ids = input_ids.reshape(-1)[:n].long().to(dev)
+        starts = torch.zeros(n, dtype=torch.bool, device=dev)
+        cu = cu_seqlens.long().to(dev)
         starts[cu[:-1][cu[:-1] < n]] = True
         counted = ~starts
         prev = torch.cat([ids.new_zeros(1), ids[:-1]])
-        sep = _SEPARATOR_TABLE.to(ids.device)[prev] & counted
-        s = surprisal(logits.reshape(-1, logits.shape[-1])[:n], labels.reshape(-1)[:n])
+        sep = _SEPARATOR_TABLE.to(dev)[prev] & counted
+        s = surprisal(logits.reshape(-1, logits.shape[-1])[:n], labels.reshape(-1)[:n].to(dev))
         has_s = ~torch.isnan(s) & counted
-        for k, (bm, _) in enumerate(byte_level_boundaries(masks, probs)):
+        sums = []  # per stage, in the order of FIELDS
+        for bm, _ in byte_level_boundaries(masks, probs):
             b = bm & counted
-            self.boundaries[k] += float(b.sum())
-            self.after_sep[k] += float((b & sep).sum())
-            self.positions[k] += float(counted.sum())
-            self.positions_after_sep[k] += float(sep.sum())
-            self.surprisal_at_boundaries[k] += float(torch.where(b & has_s, s, 0.0).sum())
-            self.n_surprisal_at_boundaries[k] += float((b & has_s).sum())
-            self.surprisal_all[k] += float(torch.where(has_s, s, 0.0).sum())
-            self.n_surprisal_all[k] += float(has_s.sum())
+            sums.append(torch.stack([t.double() for t in (
+                b.sum(), (b & sep).sum(), counted.sum(), sep.sum(), torch.where(b & has_s, s, 0.0).sum(),
+                (b & has_s).sum(), torch.where(has_s, s, 0.0).sum(), has_s.sum())]))
+        for k, values in enumerate(torch.stack(sums).tolist()):
+            for name, v in zip(self.FIELDS, values):
+                getattr(self, name)[k] += v
 
     def vector(self) -> list[float]:
         return [v for name in self.FIELDS for v in getattr(self, name)]
