@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import types
@@ -211,7 +212,7 @@ THROUGHPUT_CONFIGS = {  # name -> model config (a bench dict or a public-style J
 
 
 def throughput(torch, device, report, budget_s: float = 240.0, configs=None, micro_batches: int = 4,
-               row_bytes: int = 8192, doc_len: int = 2048, reps: int = 3, save=lambda: None):
+               row_bytes: int = 8192, doc_len: int = 2048, reps: int = 5, save=lambda: None):
     """Training steps as the trainer takes them (parallel.step.PlainStep: fp32 parameters, bf16
     autocast on CUDA, fused AdamW, gradient clipping) on packed 8 KB rows of text: bytes/s and
     MFU of each H-Net config (small also on the pure-PyTorch path) and of a FLOP-matched
@@ -267,6 +268,58 @@ def throughput(torch, device, report, budget_s: float = 240.0, configs=None, mic
         save()
 
 
+class TritonCompiles:
+    """Counts Triton's JIT compilations and their seconds (Triton's jit_cache_hook runs before one,
+    jit_post_compile_hook after). A kernel is compiled anew for every new specialisation of its
+    integer arguments (== 1, divisible by 16): dynamic chunking changes the inner levels' lengths
+    at every step, so a new length class costs seconds of compilation in the middle of training
+    until each has been seen. Inactive (counts nothing) where Triton has no such hooks."""
+
+    def __init__(self):
+        self.count, self.seconds, self._t0 = 0, 0.0, None
+        try:
+            from triton import knobs
+
+            self._runtime = knobs.runtime
+            self._runtime.jit_cache_hook, self._runtime.jit_post_compile_hook = self._before, self._after
+            self.active = True
+        except Exception:  # noqa: BLE001 - no Triton, or one without knobs
+            self.active = False
+
+    def _before(self, *args, **kwargs):
+        self._t0 = time.perf_counter()
+        return False  # True would skip the compilation
+
+    def _after(self, *args, **kwargs):
+        self.count += 1
+        if self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+        return False
+
+    def close(self):
+        if self.active:
+            self._runtime.jit_cache_hook = self._runtime.jit_post_compile_hook = None
+
+
+def aten_ops(torch, fn) -> int:
+    """The ATen operations `fn` dispatches (forward, backward and optimizer: each one a kernel
+    launch or more on a GPU, each with its host-side dispatch cost); Triton's own launches are not
+    among them. Against the step's host time (1 - gpu_busy_share of it) it says whether the host
+    is bound by the number of operations."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
 def _time_steps(torch, device, cfg, batch, peak, reps, doc_len):
     from parallel.step import PlainStep
     from pretrain.model import HNetForCausalLM, flops_per_byte, stage_compression
@@ -278,23 +331,37 @@ def _time_steps(torch, device, cfg, batch, peak, reps, doc_len):
     ex = PlainStep(model, opt, n_stages=cfg.num_stages, grad_clip=1.0, device=device,
                    autocast_dtype=torch.bfloat16 if cuda else None)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    t = time.perf_counter()
-    for _ in range(2):  # warm-up: kernel autotuning, allocator
-        res = ex.train_step(batch)
-    sync()
-    warmup_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(reps):
-        res = ex.train_step(batch)
-    sync()
-    dt = (time.perf_counter() - t) / reps
+    compiles = TritonCompiles()
+    try:
+        t = time.perf_counter()
+        for _ in range(2):  # warm-up: kernel autotuning, allocator
+            res = ex.train_step(batch)
+        sync()
+        warmup_s, warmup_compiles = time.perf_counter() - t, compiles.count
+        # Each step timed on its own, with the compilations it did: a step that compiled a kernel
+        # for a new length class is not a steady-state step (the steady figure leaves those out)
+        steps = []
+        for _ in range(reps):
+            before_n, before_s = compiles.count, compiles.seconds
+            t = time.perf_counter()
+            res = ex.train_step(batch)
+            sync()
+            steps.append((time.perf_counter() - t, compiles.count - before_n, compiles.seconds - before_s))
+    finally:
+        compiles.close()
+    steady = [s for s, n, _ in steps if n == 0]
+    dt = statistics.median(steady or [s for s, _, _ in steps])
     bps = batch.global_bytes / dt
     ratios = stage_compression(list(res.compression)) if cfg.num_stages else []
     fpb = flops_per_byte(cfg, ratios, doc_len)
     r = {"params": sum(p.numel() for p in model.parameters()), "layout": json.dumps(cfg.arch_layout),
-         "step_s": dt, "warmup_s_2_steps": warmup_s,  # the first two steps: compilation and autotuning
+         "step_s": dt,  # the median of the timed steps that compiled nothing (of all, where each did)
+         "timed_steps": [{"s": round(a, 4), "triton_compiles": n, "compile_s": round(c, 2)} for a, n, c in steps],
+         "steady_steps": len(steady), "warmup_s_2_steps": warmup_s,  # the first two: compilation and autotuning
+         "warmup_triton_compiles": warmup_compiles if compiles.active else None,
          "bytes_per_s": bps, "flops_per_byte": fpb, "tflops_per_s": fpb * bps / 1e12,
          "bytes_per_chunk": list(res.compression), "loss": res.loss}
+    r["aten_ops_per_step"] = aten_ops(torch, lambda: ex.train_step(batch))
     if peak:
         r["mfu"] = fpb * bps / (peak * 1e12)
     if cuda:
@@ -376,8 +443,13 @@ def check_syncs(torch, device, report):
     from tests.model.test_host_syncs import _micro_batch, _Step
 
     out = {}
+    # heads 8 and 16 wide: attention on FlashAttention's path (varlen_attn) as in a real config;
+    # the tiny model's 12-wide heads would take sdpa_packed
+    heads = {1: dict(num_heads=[2, 6], rotary_emb_dim=[8, 8], window_size=[7, -1]),
+             2: dict(num_heads=[2, 2, 6], rotary_emb_dim=[8, 8, 8], window_size=[7, 5, -1])}
     for stages in (1, 2):
-        model = tiny_model(stages, ssm_cfg=dict(d_state=32, headdim=32, chunk_size=64, d_conv=4, expand=2))
+        model = tiny_model(stages, ssm_cfg=dict(d_state=32, headdim=32, chunk_size=64, d_conv=4, expand=2),
+                           attn_cfg=heads[stages])
         model = model.to(device).train()
         ex = PlainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), n_stages=stages, grad_clip=1.0,
                        device=device, autocast_dtype=torch.bfloat16)  # as the trainer steps on a GPU

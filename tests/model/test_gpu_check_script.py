@@ -37,6 +37,8 @@ def test_cpu_mode_reports_throughput_of_hnet_and_its_baseline(tmp_path):
     assert hnet["flops_per_byte"] == pytest.approx(measured, rel=1e-9)
     assert measured != pytest.approx(flops_per_byte(tiny, tiny.ratio_targets, 256), rel=1e-3)
     assert "mfu" not in hnet, "no MFU without a known peak"
+    assert hnet["aten_ops_per_step"] > 1000 and iso["aten_ops_per_step"] < hnet["aten_ops_per_step"]
+    assert len(hnet["timed_steps"]) == 1 and hnet["step_s"] == pytest.approx(hnet["timed_steps"][0]["s"], abs=1e-4)
 
 
 @pytest.mark.slow
@@ -82,6 +84,7 @@ def test_the_prepared_script_checks_itself_on_cpu_and_gates_the_resume(tmp_path)
     assert t["ok"] and t["exit_codes"] == {"uninterrupted": 0, "resumed": 0}, t
     assert t["steps_uninterrupted"] == 30 and t["resumed_from"] == 15 and t["status"] == "completed", t
     assert t["max_rel_loss_diff_after_resume"] <= 1e-5 and t["losses_finite"], t
+    assert t["max_rel_loss_diff_before_the_kill"] == 0.0, "two fp32 CPU runs of one seed agree before the kill"
     assert report["checks"]["conv"]["skipped"], "causal-conv1d is CUDA only: the reason is reported"
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "kernels.json", "kernels.log", "killed.log",
                                                      "resumed.log", "straight.log"]
