@@ -482,21 +482,23 @@ def main():
                     help="with --device cpu: also the SSD and model comparisons, small, under Triton's interpreter")
     ap.add_argument("--throughput-budget-s", type=float, default=240.0)
     ap.add_argument("--smallest-tiles", action="store_true",
-                    help="with --train: each autotuned mamba_ssm kernel compiled in its smallest configuration "
+                    help="with --run: each autotuned mamba_ssm kernel compiled in its smallest configuration "
                          "only (the trainer check tests the GPU path, not the kernels' speed)")
-    ap.add_argument("--train", nargs=argparse.REMAINDER, default=None,
-                    help="instead of the checks: run python -m pretrain.train with these arguments, mamba_ssm's "
-                         "Triton kernels loaded from --mamba-src")
+    ap.add_argument("--run", nargs=argparse.REMAINDER, default=None, metavar="MODULE ARGS",
+                    help="instead of the checks: run python -m MODULE ARGS (pretrain.train, pretrain.sample), "
+                         "mamba_ssm's Triton kernels loaded from --mamba-src")
     args = ap.parse_args()
     load_mamba_triton(args.mamba_src)
-    if args.train is not None:
+    if args.run is not None:
         import runpy
 
+        if not args.run:
+            ap.error("--run needs a module: --run pretrain.train ARGS")
         if args.smallest_tiles:
             limited, _ = smallest_tiles()
             print(f"[gpu_check] autotuning off: {limited} mamba_ssm kernels in their smallest tiles", flush=True)
-        sys.argv = ["pretrain.train", *args.train]
-        runpy.run_module("pretrain.train", run_name="__main__", alter_sys=True)
+        sys.argv = list(args.run)
+        runpy.run_module(args.run[0], run_name="__main__", alter_sys=True)
         return
     import torch
 

@@ -14,9 +14,12 @@
 #      the losses after the resume must equal the uninterrupted run's within RESUME_TOL (relative;
 #      default 2e-2 in bf16: the fused backward's atomics and autotuning are not bitwise
 #      reproducible; 1e-5 in fp32 on CPU, where resume is exact).
-# Exit status: 0 when every equivalence check, both trainer runs and the resume comparison pass.
-# Each part is bounded (the kernel checks by KERNELS_TIMEOUT_S, 300 s; each of the three trainer
-# launches by TRAIN_TIMEOUT_S, 80 s: under 560 s in all) and gpu_check.py writes its JSON after
+#   3. generation: pretrain.sample from the resumed run's last checkpoint, two prompts, 64 bytes.
+# Exit status: 0 when every equivalence check, both trainer runs, the resume comparison and the
+# sampling pass.
+# Each part is bounded (the kernel checks by KERNELS_TIMEOUT_S, 280 s; each of the three trainer
+# launches by TRAIN_TIMEOUT_S, 75 s; the sampling by SAMPLE_TIMEOUT_S, 45 s: under 570 s in all, the
+# first run on an H200 took 404 s) and gpu_check.py writes its JSON after
 # every part, so a part that fails or hangs costs only itself.
 # Where deepspeed, webdataset or mamba-ssm are not installed, `bash scripts/gpu_wheels.sh` here
 # fills .whl/ and the device run carries it: this script installs it into /tmp/site and loads
@@ -32,7 +35,7 @@ CONFIG=${CONFIG:-pretrain/configs/small.yaml}
 PRECISION=${PRECISION:-bf16}
 if [ "$PRECISION" = bf16 ]; then RESUME_TOL=${RESUME_TOL:-2e-2}; else RESUME_TOL=${RESUME_TOL:-1e-5}; fi
 STEPS=30 KILL_AT=18
-TRAIN_TIMEOUT_S=${TRAIN_TIMEOUT_S:-80}
+TRAIN_TIMEOUT_S=${TRAIN_TIMEOUT_S:-75}
 rm -rf "$WORK" && mkdir -p "$OUT" "$WORK"
 # Triton: autotuning results cached across the processes below (each would tune ~200 configs per
 # kernel anew); fp32 dot products in IEEE fp32 for the fp32 comparisons (Triton's default is TF32
@@ -50,9 +53,9 @@ if [ "$DEVICE" != cpu ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 [ "$DEVICE" != cpu ] && [ -z "${MAMBA_SRC:-}" ] && [ -d .whl/mamba_src/mamba_ssm ] && MAMBA_SRC=.whl/mamba_src/mamba_ssm
 nvidia-smi -L 2>/dev/null || true
-TRITON_F32_DEFAULT=ieee timeout "${KERNELS_TIMEOUT_S:-300}" "$PY" scripts/gpu_check.py --device "$DEVICE" \
+TRITON_F32_DEFAULT=ieee timeout "${KERNELS_TIMEOUT_S:-280}" "$PY" scripts/gpu_check.py --device "$DEVICE" \
     --out "$OUT/kernels.json" ${MAMBA_SRC:+--mamba-src "$MAMBA_SRC"} \
-    --throughput-budget-s "${THROUGHPUT_BUDGET_S:-170}" > "$OUT/kernels.log" 2>&1
+    --throughput-budget-s "${THROUGHPUT_BUDGET_S:-160}" > "$OUT/kernels.log" 2>&1
 kernels_rc=$?
 echo "kernel and throughput checks: exit $kernels_rc ($(( $(date +%s) - t0 )) s)"; tail -3 "$OUT/kernels.log"
 "$PY" -c "import torch, deepspeed, webdataset; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'deepspeed', deepspeed.__version__)" \
@@ -68,7 +71,8 @@ common=(--config "$CONFIG" "data.train_index=[$WORK/data/train/index.json]" "dat
 # The trainer through gpu_check.py --train: mamba_ssm's Triton kernels from $MAMBA_SRC where set, and
 # each autotuned kernel compiled once, in its smallest tiles (autotuning all of them would take
 # most of a launch's time; the throughput rows above are the tuned figures)
-trainer=("$PY" scripts/gpu_check.py ${MAMBA_SRC:+--mamba-src "$MAMBA_SRC"} --smallest-tiles --train)
+with_kernels=("$PY" scripts/gpu_check.py ${MAMBA_SRC:+--mamba-src "$MAMBA_SRC"} --smallest-tiles --run)
+trainer=("${with_kernels[@]}" pretrain.train)
 filter() { grep -v -e FutureWarning -e 'return func' -e '^  ' | grep -e '^\[train\] [a-z]' -e Error -e error | grep -v 'resolved config'; }
 timeout "$TRAIN_TIMEOUT_S" "${trainer[@]}" "${common[@]}" run_dir="$WORK/straight" > "$OUT/straight.log" 2>&1
 straight_rc=$?
@@ -82,11 +86,18 @@ kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
 timeout "$TRAIN_TIMEOUT_S" "${trainer[@]}" "${common[@]}" run_dir="$WORK/resumed" > "$OUT/resumed.log" 2>&1
 resumed_rc=$?
 echo "resumed run: exit $resumed_rc ($(( $(date +%s) - t0 )) s)"; filter < "$OUT/resumed.log" | tail -4
-"$PY" - "$OUT" "$WORK" "$STEPS" "$kernels_rc" "$straight_rc" "$resumed_rc" "$RESUME_TOL" <<'PYEOF'
+# Generation from the resumed run's last checkpoint (consolidated from its ZeRO-3 shards), as a
+# user samples a trained run: the prompts' forward pass, then decoding byte by byte
+timeout "${SAMPLE_TIMEOUT_S:-45}" "${with_kernels[@]}" pretrain.sample "$WORK/resumed" --prompt "The " "def f(" \
+    --max-bytes 64 --device "$DEVICE" --dtype "$PRECISION" --jsonl "$WORK/sample.jsonl" > "$OUT/sample.log" 2>&1
+sample_rc=$?
+echo "sampling: exit $sample_rc"; grep -e '^\[sample\]' -e Error "$OUT/sample.log" | tail -2
+"$PY" - "$OUT" "$WORK" "$STEPS" "$kernels_rc" "$straight_rc" "$resumed_rc" "$RESUME_TOL" "$sample_rc" <<'PYEOF'
 import json, os, statistics, sys
 out, work = sys.argv[1], sys.argv[2]
 steps, kernels_rc, straight_rc, resumed_rc = map(int, sys.argv[3:7])
 tol = float(sys.argv[7])
+sample_rc = int(sys.argv[8])
 def records(d):
     path = f"{work}/{d}/train_log.jsonl"
     return [r for r in map(json.loads, open(path)) if "loss" in r] if os.path.isfile(path) else []
@@ -128,10 +139,15 @@ report = {
                                      "cuda_peak_mib_per_rank")},
         "communication_share": "not measured: one GPU, no collectives cross a link",
     },
+    "sample": {"exit_code": sample_rc,
+               "bytes_generated": [json.loads(line)["n_bytes"] for line in open(f"{work}/sample.jsonl")]
+               if os.path.isfile(f"{work}/sample.jsonl") else None,
+               "stats": next((line.strip() for line in open(f"{out}/sample.log") if line.startswith("[sample] ")), None)
+               if os.path.isfile(f"{out}/sample.log") else None},
 }
 open(f"{out}/gpu_check.json", "w").write(json.dumps(report, indent=1))
 print(json.dumps(report, indent=1))
-sys.exit(0 if trainer_ok else 6)
+sys.exit(0 if trainer_ok and sample_rc == 0 else 6)
 PYEOF
 trainer_rc=$?
 echo "gpu_check: $(( $(date +%s) - t0 )) s in all; figures in $OUT/gpu_check.json"

@@ -86,8 +86,10 @@ def test_the_prepared_script_checks_itself_on_cpu_and_gates_the_resume(tmp_path)
     assert t["max_rel_loss_diff_after_resume"] <= 1e-5 and t["losses_finite"], t
     assert t["max_rel_loss_diff_before_the_kill"] == 0.0, "two fp32 CPU runs of one seed agree before the kill"
     assert report["checks"]["conv"]["skipped"], "causal-conv1d is CUDA only: the reason is reported"
+    assert report["sample"]["exit_code"] == 0 and report["sample"]["bytes_generated"], report["sample"]
+    assert all(0 < n <= 64 for n in report["sample"]["bytes_generated"]), "generated from the resumed run"
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "kernels.json", "kernels.log", "killed.log",
-                                                     "resumed.log", "straight.log"]
+                                                     "resumed.log", "sample.log", "straight.log"]
     # a resume that does not match fails the check: a tolerance no run can meet
     res = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env={**env, "RESUME_TOL": "-1"},
                          capture_output=True, text=True, timeout=600)
