@@ -14,8 +14,9 @@ predicts, from the model code rather than a table:
   micro-batch's byte budget and the ratio targets (with and without activation checkpointing);
   and a fixed framework overhead;
 - communicated bytes per rank and step (`comm_bytes`: what the ZeRO stage does per micro-batch
-  and per step, checked against DeepSpeed's communication log) and their time on the intra- and
-  inter-node links;
+  and per step, in each parameter's communication dtype under bf16 (`parameter_comm_bytes`),
+  checked against DeepSpeed's communication log) and their time on the intra- and inter-node
+  links;
 - compute time from the FLOP estimate (`pretrain.model.flops`) at an achievable share of the
   peak (`--efficiency`), the pipeline bubble of the V schedule at that many micro-batches, and
   so the step time, bytes per second and MFU.
@@ -78,6 +79,26 @@ def parameter_numels(model_cfg) -> list[int]:
     return [p.numel() for p in model.parameters()]
 
 
+def parameter_comm_bytes(model_cfg, precision: str = "bf16") -> list[int]:
+    """Bytes per element each parameter tensor (in parameter_numels' order) is communicated in.
+    Under bf16, DeepSpeed's torch_autocast gives the parameters of modules whose class is exactly
+    one of its lower-precision-safe modules (nn.Linear and the nn.ConvNd:
+    LOWER_PRECISION_SAFE_MODULES in deepspeed/runtime/torch_autocast.py) a bf16 communication
+    dtype: their gradients are reduced and their ZeRO-3 gathers made in bf16. The rest stays fp32:
+    the norms, the embedding, the routing and `residual_proj` (its own class, fp32 by design)."""
+    import torch
+
+    from pretrain.model import HNetForCausalLM
+
+    with torch.device("meta"):
+        model = HNetForCausalLM(model_cfg)
+    if precision != "bf16":
+        return [4] * len(list(model.parameters()))
+    safe = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    low = {id(p) for mod in model.modules() if type(mod) in safe for p in mod.parameters(recurse=False)}
+    return [2 if id(p) in low else 4 for p in model.parameters()]
+
+
 def state_bytes(numels: list[int], zero: str, dp: int, persistence_threshold: int = 100_000) -> dict[str, float]:
     """Bytes one rank holds of parameters, fp32 master partition and Adam moments (gradients,
     which live inside a step, are `grads`).
@@ -101,26 +122,30 @@ def state_bytes(numels: list[int], zero: str, dp: int, persistence_threshold: in
 
 # ----------------------------------------------------------------------------- communication
 def comm_bytes(numels: list[int], zero: str, dp: int, micro_batches: int,
-               persistence_threshold: int = 100_000) -> dict[str, float]:
+               persistence_threshold: int = 100_000, elem_bytes: list[int] | None = None) -> dict[str, float]:
     """Bytes a rank hands to each kind of collective per step (as DeepSpeed's comms logger counts
-    them), fp32 parameters and gradients, the shipped ZeRO files' settings.
+    them), the shipped ZeRO files' settings; `elem_bytes`: each parameter's communication bytes
+    per element (parameter_comm_bytes; default 4, fp32 throughout).
 
     ZeRO-1: the gradients are all-reduced once, at the step's last micro-batch; ZeRO-2 all-reduces
     them at every micro-batch (its gradient hooks reduce whatever the accumulation boundary);
-    both then all-gather the updated parameter partitions. ZeRO-3: the non-persistent parameters
-    are gathered once per micro-batch (the forward's gather stays available for the backward
-    within `stage3_max_reuse_distance`), the gradients reduce-scattered per micro-batch, and the
-    persistent parameters gathered once after the optimizer step."""
+    both then all-gather the updated fp32 parameter partitions. ZeRO-3: the non-persistent
+    parameters are gathered once per micro-batch (the forward's gather stays available for the
+    backward within `stage3_max_reuse_distance`), the gradients reduce-scattered per micro-batch,
+    both in each parameter's communication dtype, and the persistent parameters gathered in fp32
+    once after the optimizer step."""
+    elem = elem_bytes or [4] * len(numels)
     total = sum(numels)
+    reduced = sum(n * b for n, b in zip(numels, elem))
     gathers = dp > 1  # with one rank DeepSpeed skips the gathers but still calls the reductions (moving nothing)
     if zero in ("zero1", "zero2"):
         reduces = 1 if zero == "zero1" else micro_batches
         return {"all_gather": 4.0 * math.ceil(total / dp) * gathers, "reduce_scatter": 0.0,
-                "all_reduce": 4.0 * total * reduces}
-    big = sum(math.ceil(n / dp) for n in numels if n > persistence_threshold)
-    small = sum(math.ceil(n / dp) for n in numels if n <= persistence_threshold)
-    return {"all_gather": 4.0 * (micro_batches * big + small) * gathers,
-            "reduce_scatter": 4.0 * total * micro_batches, "all_reduce": 0.0}
+                "all_reduce": float(reduced * reduces)}
+    big = sum(math.ceil(n / dp) * b for n, b in zip(numels, elem) if n > persistence_threshold)
+    small = sum(math.ceil(n / dp) * 4 for n in numels if n <= persistence_threshold)
+    return {"all_gather": float(micro_batches * big + small) * gathers,
+            "reduce_scatter": float(reduced * micro_batches), "all_reduce": 0.0}
 
 
 def wire_bytes(comm: dict[str, float], dp: int) -> float:
@@ -187,7 +212,8 @@ class Layout:
 
 
 def evaluate(model_cfg, cluster: Cluster, global_batch_bytes: int, micro_batch_bytes: int, zero: str, pp: int,
-             checkpointing: bool, efficiency: float, numels: list[int]) -> Layout | None:
+             checkpointing: bool, efficiency: float, numels: list[int],
+             elem_bytes: list[int] | None = None) -> Layout | None:
     from pretrain.model.flops import flops_per_byte, level_flops_per_byte
 
     if cluster.world % pp:
@@ -205,7 +231,7 @@ def evaluate(model_cfg, cluster: Cluster, global_batch_bytes: int, micro_batch_b
     acts = activation_bytes(model_cfg, micro_batch_bytes, checkpointing)
     in_flight = min(m, 2 * pp) if pp > 1 else 1  # the V schedule holds up to 2p micro-batches
     memory = state + acts * in_flight + OVERHEAD_GB * 1e9
-    comm = wire_bytes(comm_bytes(stage_numels, zero, dp, m), dp)
+    comm = wire_bytes(comm_bytes(stage_numels, zero, dp, m, elem_bytes=elem_bytes), dp)
     bw = (cluster.intra_gbps if cluster.nodes == 1 or dp <= cluster.gpus_per_node else cluster.inter_gbps) * 1e9
     comm_s = comm / bw
     if zero == "zero3_offload":
@@ -223,6 +249,7 @@ def evaluate(model_cfg, cluster: Cluster, global_batch_bytes: int, micro_batch_b
 def plan(model_cfg, cluster: Cluster, global_batch_bytes: int, micro_batch_bytes: int,
          efficiency: float = 0.45) -> list[Layout]:
     numels = parameter_numels(model_cfg)
+    elem_bytes = parameter_comm_bytes(model_cfg, "bf16")  # the runs it recommends train in bf16
     out = []
     for zero in ZERO_LAYOUTS:
         for pp in range(1, model_cfg.num_stages + 2):
@@ -230,7 +257,7 @@ def plan(model_cfg, cluster: Cluster, global_batch_bytes: int, micro_batch_bytes
                 continue  # the pipeline runs one ZeRO-3 engine per stage
             for ckpt in (False, True):
                 lay = evaluate(model_cfg, cluster, global_batch_bytes, micro_batch_bytes, zero, pp, ckpt, efficiency,
-                               numels)
+                               numels, elem_bytes)
                 if lay is not None:
                     out.append(lay)
     return sorted(out, key=lambda l: (not l.fits, l.step_s))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def held(executor, zero: str) -> dict[str, int]:
             "master": sum(t.numel() for t in opt.single_partition_of_fp32_groups), "optimizer": moments}
 
 
-def measure(zero: str, micro_batches: int, info) -> dict:
+def measure(zero: str, micro_batches: int, info, precision: str = "fp32") -> dict:
     """Builds the engine of one ZeRO stage, runs two steps, returns what it holds and moved."""
     from deepspeed import comm
 
@@ -40,7 +41,7 @@ def measure(zero: str, micro_batches: int, info) -> dict:
     over = json.dumps({"comms_logger": {"enabled": True, "prof_all": True, "verbose": False}})
     cfg = load_config(str(REPO / "pretrain" / "configs" / "small.yaml"),
                       ["train.engine=deepspeed", f"train.ds_config={REPO / 'ds_configs' / (zero + '.json')}",
-                       f"train.ds_overrides={over}"], validate=False)
+                       f"train.ds_overrides={over}", f"train.precision={precision}"], validate=False)
     executor, _, _ = build_executor(cfg, info, HNetConfig.from_dict(cfg.model_dict()), resolve_ds_config(cfg, info.world_size))
     gen = torch.Generator().manual_seed(0)
     for k in range(2):
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--zero", required=True, help="one stage or several, comma-separated: zero1,zero2,zero3")
     ap.add_argument("--micro-batches", type=int, default=2)
+    ap.add_argument("--precision", default="fp32", help="bf16: under DeepSpeed's torch_autocast (ds_configs/README.md)")
     a = ap.parse_args()
 
     from parallel.distributed import init_process_group, setup_env
@@ -69,10 +71,14 @@ def main() -> None:
     info = setup_env()
     init_process_group(info, use_deepspeed=True)
     # Several stages in one launch: one process start for all of them (each engine is built anew).
-    results = {zero: measure(zero, a.micro_batches, info) for zero in a.zero.split(",")}
+    results = {zero: measure(zero, a.micro_batches, info, a.precision) for zero in a.zero.split(",")}
     if info.rank == 0:
         Path(a.out).write_text(json.dumps(results))
     torch.distributed.barrier()
+    if info.world_size > 1:  # as pretrain/train.py leaves: without the communicators' racy C++ teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
