@@ -68,7 +68,7 @@ common=(--config "$CONFIG" "data.train_index=[$WORK/data/train/index.json]" "dat
         train.steps=$STEPS train.precision=$PRECISION checkpoint.every=15 train.log_every=5 train.eval_every=0
         train.eval_max_steps=4 train.require_fused=false train.deterministic=false tracking.enabled=$tracking
         "tracking.uri=sqlite:///$WORK/mlflow.db")
-# The trainer through gpu_check.py --train: mamba_ssm's Triton kernels from $MAMBA_SRC where set, and
+# The trainer through gpu_check.py --run: mamba_ssm's Triton kernels from $MAMBA_SRC where set, and
 # each autotuned kernel compiled once, in its smallest tiles (autotuning all of them would take
 # most of a launch's time; the throughput rows above are the tuned figures)
 with_kernels=("$PY" scripts/gpu_check.py ${MAMBA_SRC:+--mamba-src "$MAMBA_SRC"} --smallest-tiles --run)
