@@ -86,7 +86,7 @@ class CausalMHA(nn.Module):
         qkv = self.Wqkv(x[0]).view(T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(1)
         if self.rotary_emb_dim > 0:
-            cos, sin = rotary_cos_sin(seqs.position_ids, self.rotary_emb_dim, self.rotary_base)
+            cos, sin = seqs.rotary(self.rotary_emb_dim, self.rotary_base)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         flash = kernels.flash_varlen_attention(q)  # q's dtype: bf16 under autocast even for an fp32 input
         varlen = None if flash is not None else kernels.torch_varlen_attention(q, self.window_size)

@@ -1,7 +1,7 @@
 """Packed-sequence bookkeeping: documents laid end to end in one row, described by `cu_seqlens`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,10 +23,23 @@ class PackedSeqs:
     position_ids: torch.Tensor
     max_seqlen: int
     cu_host: list[int]
+    _rotary: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def total(self) -> int:
         return self.cu_host[-1]
+
+    def rotary(self, rotary_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the rotary embedding at these positions (attention.rotary_cos_sin), made once
+        per level and shared by its attention layers: every layer of a level has the same positions,
+        and each would otherwise launch the same ten small operations again (on a GPU the H-Net step
+        is bound by the host's dispatch of small operations: scripts/gpu_results/README.md)."""
+        key = (rotary_dim, base)
+        if key not in self._rotary:
+            from .attention import rotary_cos_sin
+
+            self._rotary[key] = rotary_cos_sin(self.position_ids, rotary_dim, base)
+        return self._rotary[key]
 
     def cu_list(self) -> list[int]:
         return self.cu_host
