@@ -366,21 +366,38 @@ def _time_steps(torch, device, cfg, batch, peak, reps, doc_len):
         r["mfu"] = fpb * bps / (peak * 1e12)
     if cuda:
         r["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        r["gpu_busy_share"] = _gpu_busy_share(torch, ex, batch, dt)
+        r["gpu_busy_share"], r["kernel_launch_calls_per_step"] = _gpu_busy_share(torch, ex, batch, dt)
+    r["host_top_ops"] = _host_top_ops(torch, ex, batch, cuda)
     del ex, opt, model
     return r
 
 
-def _gpu_busy_share(torch, ex, batch, step_s: float) -> float:
+def _gpu_busy_share(torch, ex, batch, step_s: float):
     """Share of one step's wall time that the GPU spent in kernels (torch.profiler); the rest is
-    the GPU waiting on the host: synchronisations, kernel launches, Python."""
+    the GPU waiting on the host: synchronisations, kernel launches, Python. With it the kernel
+    launch calls the profiler saw (None where it recorded no launch API events)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         ex.train_step(batch)
         torch.cuda.synchronize()
-    busy_us = sum(e.self_device_time_total for e in prof.key_averages())
-    return busy_us / 1e6 / step_s
+    events = prof.key_averages()
+    busy_us = sum(e.self_device_time_total for e in events)
+    launches = [e.count for e in events if "LaunchKernel" in e.key]
+    return busy_us / 1e6 / step_s, (sum(launches) if launches else None)
+
+
+def _host_top_ops(torch, ex, batch, cuda: bool, n: int = 12) -> list:
+    """Where one step's host time goes: the operations with the most self CPU time (on a GPU that
+    is their dispatch and launch, the kernels run on the device), as [name, calls, ms]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ex.train_step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+    top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
+    return [[e.key, e.count, round(e.self_cpu_time_total / 1e3, 2)] for e in top]
 
 
 def check_attention(torch, device, report):

@@ -38,6 +38,9 @@ def test_cpu_mode_reports_throughput_of_hnet_and_its_baseline(tmp_path):
     assert measured != pytest.approx(flops_per_byte(tiny, tiny.ratio_targets, 256), rel=1e-3)
     assert "mfu" not in hnet, "no MFU without a known peak"
     assert hnet["aten_ops_per_step"] > 1000 and iso["aten_ops_per_step"] < hnet["aten_ops_per_step"]
+    top = hnet["host_top_ops"]
+    assert 0 < len(top) <= 12 and all(isinstance(name, str) and calls >= 1 and ms >= 0 for name, calls, ms in top)
+    assert [ms for _, _, ms in top] == sorted((ms for _, _, ms in top), reverse=True), "the costliest first"
     assert len(hnet["timed_steps"]) == 1 and hnet["step_s"] == pytest.approx(hnet["timed_steps"][0]["s"], abs=1e-4)
 
 
