@@ -14,7 +14,7 @@ predicts, from the model code rather than a table:
   micro-batch's byte budget and the ratio targets (with and without activation checkpointing);
   and a fixed framework overhead;
 - communicated bytes per rank and step (`comm_bytes`: what the ZeRO stage does per micro-batch
-  and per step, in each parameter's communication dtype under bf16 (`parameter_comm_bytes`),
+  and per step, in each parameter's communication dtype under bf16 (`parameter_sizes`),
   checked against DeepSpeed's communication log) and their time on the intra- and inter-node
   links;
 - compute time from the FLOP estimate (`pretrain.model.flops`) at an achievable share of the
@@ -68,35 +68,32 @@ def cluster_of(nodes: int, gpus_per_node: int, gpu: str) -> Cluster:
 
 
 # ----------------------------------------------------------------------------- sharded state
+def parameter_sizes(model_cfg, precision: str = "fp32") -> tuple[list[int], list[int]]:
+    """Element count and communication bytes per element of every parameter tensor of the model
+    (from the model code, on meta). Under bf16, DeepSpeed's torch_autocast gives the parameters
+    of modules whose class is exactly one of its lower-precision-safe modules (nn.Linear and the
+    nn.ConvNd, deepspeed/runtime/torch_autocast.py) a bf16 communication dtype: their gradients
+    are reduced and their ZeRO-3 gathers made in bf16. The rest stays fp32: the norms, the
+    embedding, the routing and `residual_proj` (its own class, fp32 by design)."""
+    import torch
+
+    from pretrain.model import HNetForCausalLM
+
+    with torch.device("meta"):
+        model = HNetForCausalLM(model_cfg)
+    low: set[int] = set()
+    if precision == "bf16":
+        from deepspeed.runtime.torch_autocast import LOWER_PRECISION_SAFE_MODULES
+
+        low = {id(p) for mod in model.modules() if type(mod) in LOWER_PRECISION_SAFE_MODULES
+               for p in mod.parameters(recurse=False)}
+    params = list(model.parameters())
+    return [p.numel() for p in params], [2 if id(p) in low else 4 for p in params]
+
+
 def parameter_numels(model_cfg) -> list[int]:
-    """Element counts of every parameter tensor of the model (from the model code, on meta)."""
-    import torch
-
-    from pretrain.model import HNetForCausalLM
-
-    with torch.device("meta"):
-        model = HNetForCausalLM(model_cfg)
-    return [p.numel() for p in model.parameters()]
-
-
-def parameter_comm_bytes(model_cfg, precision: str = "bf16") -> list[int]:
-    """Bytes per element each parameter tensor (in parameter_numels' order) is communicated in.
-    Under bf16, DeepSpeed's torch_autocast gives the parameters of modules whose class is exactly
-    one of its lower-precision-safe modules (nn.Linear and the nn.ConvNd:
-    LOWER_PRECISION_SAFE_MODULES in deepspeed/runtime/torch_autocast.py) a bf16 communication
-    dtype: their gradients are reduced and their ZeRO-3 gathers made in bf16. The rest stays fp32:
-    the norms, the embedding, the routing and `residual_proj` (its own class, fp32 by design)."""
-    import torch
-
-    from pretrain.model import HNetForCausalLM
-
-    with torch.device("meta"):
-        model = HNetForCausalLM(model_cfg)
-    if precision != "bf16":
-        return [4] * len(list(model.parameters()))
-    safe = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-    low = {id(p) for mod in model.modules() if type(mod) in safe for p in mod.parameters(recurse=False)}
-    return [2 if id(p) in low else 4 for p in model.parameters()]
+    """Element counts of every parameter tensor of the model."""
+    return parameter_sizes(model_cfg)[0]
 
 
 def state_bytes(numels: list[int], zero: str, dp: int, persistence_threshold: int = 100_000) -> dict[str, float]:
@@ -125,7 +122,7 @@ def comm_bytes(numels: list[int], zero: str, dp: int, micro_batches: int,
                persistence_threshold: int = 100_000, elem_bytes: list[int] | None = None) -> dict[str, float]:
     """Bytes a rank hands to each kind of collective per step (as DeepSpeed's comms logger counts
     them), the shipped ZeRO files' settings; `elem_bytes`: each parameter's communication bytes
-    per element (parameter_comm_bytes; default 4, fp32 throughout).
+    per element (parameter_sizes; default 4, fp32 throughout).
 
     ZeRO-1: the gradients are all-reduced once, at the step's last micro-batch; ZeRO-2 all-reduces
     them at every micro-batch (its gradient hooks reduce whatever the accumulation boundary);
@@ -248,8 +245,7 @@ def evaluate(model_cfg, cluster: Cluster, global_batch_bytes: int, micro_batch_b
 
 def plan(model_cfg, cluster: Cluster, global_batch_bytes: int, micro_batch_bytes: int,
          efficiency: float = 0.45) -> list[Layout]:
-    numels = parameter_numels(model_cfg)
-    elem_bytes = parameter_comm_bytes(model_cfg, "bf16")  # the runs it recommends train in bf16
+    numels, elem_bytes = parameter_sizes(model_cfg, "bf16")  # the runs it recommends train in bf16
     out = []
     for zero in ZERO_LAYOUTS:
         for pp in range(1, model_cfg.num_stages + 2):

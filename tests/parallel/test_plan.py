@@ -41,12 +41,12 @@ def numels(small_model):
 def test_predicted_state_and_communication_match_the_engine(tmp_path, numels, small_model, world, precision):
     """bf16 (DeepSpeed's torch_autocast): the gradients of nn.Linear / nn.Conv1d parameters are
     reduced and their ZeRO-3 gathers made in bf16, about half the fp32 bytes; state is unchanged."""
-    from parallel.plan import comm_bytes, parameter_comm_bytes, state_bytes
+    from parallel.plan import comm_bytes, parameter_sizes, state_bytes
 
     out = tmp_path / "out.json"
     run_ranks([PY, WORKER, str(out), "--zero", ",".join(ZERO), "--micro-batches", str(MICRO_BATCHES),
                "--precision", precision], world, REPO, log_dir=tmp_path, timeout=300)
-    elem_bytes = parameter_comm_bytes(small_model, precision)
+    _, elem_bytes = parameter_sizes(small_model, precision)
     results = json.loads(out.read_text())
     assert sorted(results) == sorted(ZERO)
     for zero in ZERO:
