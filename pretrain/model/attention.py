@@ -19,14 +19,17 @@ def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, base: float = 10
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] dims of every head. x: (T, H, Dh); cos, sin: (T, r)."""
+    """Rotate the first cos.shape[-1] dims of every head. x: (T, ..., Dh), e.g. (T, H, Dh) or q and
+    k together as (T, 2, H, Dh); cos, sin: (T, r), broadcast over the middle dims."""
     r = cos.shape[-1]
     if r == 0:
         return x
-    xr, rest = upcast(x[..., :r]), x[..., r:]
+    xr, rest = x.split([r, x.shape[-1] - r], dim=-1)  # one split: its backward is one cat
+    xr = upcast(xr)
     x1, x2 = xr.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    middle = (1,) * (x.dim() - 2)
+    c, s = cos.view(cos.shape[0], *middle, r), sin.view(sin.shape[0], *middle, r)
     return torch.cat([(xr * c + rotated * s).to(x.dtype), rest], dim=-1)
 
 
@@ -84,10 +87,15 @@ class CausalMHA(nn.Module):
         """x: (1, T, d_model) -> (1, T, d_model)."""
         T = x.shape[1]
         qkv = self.Wqkv(x[0]).view(T, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(1)
         if self.rotary_emb_dim > 0:
+            # q and k rotated by one set of operations (T, 2, H, Dh), not one set each: the same
+            # elementwise arithmetic, half the launches (a GPU step was host-bound)
             cos, sin = seqs.rotary(self.rotary_emb_dim, self.rotary_base)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            qk, v = qkv.split([2, 1], dim=1)
+            q, k = apply_rotary(qk, cos, sin).unbind(1)
+            v = v.squeeze(1)
+        else:
+            q, k, v = qkv.unbind(1)
         flash = kernels.flash_varlen_attention(q)  # q's dtype: bf16 under autocast even for an fp32 input
         varlen = None if flash is not None else kernels.torch_varlen_attention(q, self.window_size)
         if flash is not None:

@@ -108,11 +108,14 @@ def attn_step(a: CausalMHA, x: torch.Tensor, st: AttnState) -> torch.Tensor:
     """x: (B, d_model) -> (B, d_model); appends this position's key and value to the cache."""
     b = x.shape[0]
     qkv = a.Wqkv(x).view(b, 3, a.num_heads, a.head_dim)
-    q, k, v = qkv.unbind(1)  # (b, H, Dh)
     pos = st.length
-    if a.rotary_emb_dim > 0:
+    if a.rotary_emb_dim > 0:  # q and k rotated together (b, 2, H, Dh), as in CausalMHA.forward
         cos, sin = rotary_cos_sin(pos, a.rotary_emb_dim, a.rotary_base)  # (b, r)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qk, v = qkv.split([2, 1], dim=1)
+        q, k = apply_rotary(qk, cos, sin).unbind(1)
+        v = v.squeeze(1)
+    else:
+        q, k, v = qkv.unbind(1)  # (b, H, Dh)
     cap = st.k.shape[2]  # positions beyond it would be dropped by the scatter: the caller sizes it
     rows = torch.arange(b, device=x.device)
     st.k[rows, :, pos] = k.to(st.k.dtype)

@@ -54,3 +54,20 @@ def test_activation_checkpointing_recomputes_with_the_shared_table(stages):
         grads.append([p.grad for p in model.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1]) and all(torch.allclose(a, b, rtol=0, atol=1e-7)
                                                   for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q_and_k_rotated_together_as_each_on_its_own(dtype):
+    """CausalMHA rotates q and k with one set of operations on their (T, 2, H, Dh) view (half the
+    launches): bit for bit what rotating each on its own gives, forward and gradients."""
+    torch.manual_seed(0)
+    T, H, Dh, r = 53, 4, 16, 8
+    qkv = torch.randn(T, 3, H, Dh).to(dtype).requires_grad_()
+    cos, sin = attention.rotary_cos_sin(torch.arange(T) % 20, r)
+    together = attention.apply_rotary(qkv[:, :2], cos, sin)
+    apart = torch.stack([attention.apply_rotary(qkv[:, i], cos, sin) for i in range(2)], dim=1)
+    assert together.dtype == dtype and torch.equal(together, apart)
+    g = torch.randn_like(together)
+    (grad_together,) = torch.autograd.grad(together, qkv, g)
+    (grad_apart,) = torch.autograd.grad(apart, qkv, g)
+    assert torch.equal(grad_together, grad_apart)
