@@ -1,4 +1,12 @@
-"""RMSNorm and the gated RMSNorm of Mamba-2, computed in fp32."""
+"""RMSNorm and the gated RMSNorm of Mamba-2, computed in fp32.
+
+Both normalise with `F.rms_norm`. On CPU torch computes it as the composite x * rsqrt(mean(x^2)
++ eps) * weight, the very operations written out (so the results are bit for bit the same); on
+CUDA, with input and weight of one dtype, it dispatches to one fused kernel forward and one
+backward (`at::_fused_rms_norm`, torch's aten/src/ATen/native/layer_norm.cpp) instead of six small
+ones and about twice that in the backward. A GPU step of the H-Net was bound by the host's
+dispatch of small operations (scripts/gpu_results/README.md), and a block runs two norms.
+"""
 from __future__ import annotations
 
 import torch
@@ -16,8 +24,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = upcast(x)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.to(xf.dtype)).to(x.dtype)
+        return F.rms_norm(xf, (xf.shape[-1],), self.weight.to(xf.dtype), self.eps).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -35,6 +42,9 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         g = upcast(y) * F.silu(upcast(z))
         shape = g.shape
+        weight = self.weight.to(g.dtype)
+        if self.group_size == shape[-1]:  # one group (ngroups=1): the weight inside the fused norm
+            return F.rms_norm(g, (self.group_size,), weight, self.eps).to(y.dtype)
         g = g.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (g.reshape(shape) * self.weight.to(g.dtype)).to(y.dtype)
+        g = F.rms_norm(g, (self.group_size,), None, self.eps)
+        return (g.reshape(shape) * weight).to(y.dtype)
