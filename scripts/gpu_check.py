@@ -155,6 +155,62 @@ def check_model(torch, device, report, small: bool = False):
     return ok
 
 
+def check_norms(torch, device, report):
+    """RMSNorm and GatedRMSNorm (pretrain/model/norm.py, through F.rms_norm) on the device against
+    the formula written out, forward and gradients, fp32 and bf16; and the ATen operations one
+    forward and backward dispatch: on CUDA, torch's fused kernel (`_fused_rms_norm` and its
+    backward) instead of the composite's six small operations and their backward."""
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pretrain.model.norm import GatedRMSNorm, RMSNorm
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def written_out(g, weight, group_size, eps):
+        shape = g.shape
+        g = g.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+        return g.reshape(shape) * weight.float()
+
+    out, ok = {}, True
+    d = 256
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        torch.manual_seed(0)
+        norm, gated = RMSNorm(d).to(device), GatedRMSNorm(d, group_size=d // 4).to(device)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            gated.weight.uniform_(0.5, 1.5)
+        x, z = (torch.randn(1, 1000, d, device=device).to(dtype).requires_grad_() for _ in range(2))
+        res = {}
+        for name, mod, call, ref in (
+                ("rmsnorm", norm, lambda: norm(x), lambda: written_out(x.float(), norm.weight, d, norm.eps)),
+                ("gated_4_groups", gated, lambda: gated(x, z),
+                 lambda: written_out(x.float() * F.silu(z.float()), gated.weight, d // 4, gated.eps))):
+            inputs = (x, z, mod.weight) if mod is gated else (x, mod.weight)
+            names = Names()
+            with names:
+                y = call()
+                g = torch.randn_like(y)
+                grads = torch.autograd.grad(y, inputs, g)
+            y_ref = ref().to(dtype)
+            grads_ref = torch.autograd.grad(y_ref, inputs, g)
+            err = max([rel_err(y, y_ref)] + [rel_err(a, b) for a, b in zip(grads, grads_ref)])
+            res[name] = {"max_rel_err": err, "fused_kernel": any("fused_rms_norm" in n for n in names.ops),
+                         "aten_ops_fwd_bwd": len(names.ops), "pass": err < tol}
+            ok &= res[name]["pass"]
+        out[str(dtype)] = res
+    report["norms"] = out
+    return ok
+
+
 def check_conv(torch, device, report):
     """causal_conv1d's fused kernel (with seq_idx, as the model calls it) against the pure
     causal_conv1d_reset + SiLU on packed documents: forward and the gradients of x, weight and bias,
@@ -530,6 +586,7 @@ def main():
             triton_interpreter.enable()
         report = {"torch": torch.__version__, "device": "cpu", "kernels": kernels.status("cpu")}
         check_conv(torch, device, report)  # causal-conv1d is CUDA only: reports why it is skipped
+        ok &= check_norms(torch, device, report)
         if args.triton_interpreter:
             ok = check_ssd(torch, device, report, small=True)
             ok &= check_model(torch, device, report, small=True)
@@ -556,7 +613,8 @@ def main():
         # Each part on its own: one that raises (a Triton compile failure, out of memory) is
         # reported and fails the check, the others still run, and the JSON is written after each
         # part, so a part cut short by the caller's timeout leaves the earlier figures.
-        for name, fn, gates in (("ssd", check_ssd, True), ("conv", check_conv, True), ("model", check_model, True),
+        for name, fn, gates in (("ssd", check_ssd, True), ("conv", check_conv, True), ("norms", check_norms, True),
+                                ("model", check_model, True),
                                 ("attention", check_attention, True), ("host_syncs", check_syncs, False),
                                 ("throughput", lambda *a: throughput(*a, budget_s=args.throughput_budget_s,
                                                                      save=save), False)):

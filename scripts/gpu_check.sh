@@ -4,7 +4,8 @@
 # and the logs (a device run brings back a few small files); the shards, run directories and
 # checkpoints go to $WORK (default /tmp/gpu_check_work).
 #   1. scripts/gpu_check.py: fused kernels vs the pure-PyTorch path (SSD scan, causal conv where
-#      causal-conv1d is installed, whole model), varlen attention (torch's varlen_attn, flash-attn
+#      causal-conv1d is installed, the norms' F.rms_norm and whether CUDA ran its fused kernel,
+#      whole model), varlen attention (torch's varlen_attn, flash-attn
 #      where installed) vs sdpa_packed, host syncs per micro-batch under CUDA's sync debug mode,
 #      and training-step throughput and MFU of the 1-stage L and 2-stage L configs (first) and the
 #      small one, each beside a FLOP-matched isotropic Transformer.

@@ -21,6 +21,13 @@ def test_cpu_mode_reports_throughput_of_hnet_and_its_baseline(tmp_path):
                          env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(out.read_text())
+    # the norms against their written-out formula; on CPU torch runs F.rms_norm as that composite
+    norms = report["norms"]
+    assert set(norms) == {"torch.float32", "torch.bfloat16"}
+    for by_norm in norms.values():
+        assert set(by_norm) == {"rmsnorm", "gated_4_groups"}
+        assert all(r["pass"] and r["max_rel_err"] == 0.0 and not r["fused_kernel"] and r["aten_ops_fwd_bwd"] > 6
+                   for r in by_norm.values())
     tp = report["throughput_train_step"]
     assert tp["step_bytes"] == 2 * 1024, "two full 1 KB rows of text"
     hnet, iso = tp["tiny/hnet"], tp["tiny/isotropic_transformer"]
