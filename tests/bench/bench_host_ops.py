@@ -1,8 +1,8 @@
 """Host operations of one training step on the GPU path's shape, counted on CPU.
 
 On an H200 the H-Net steps were bound by the host (scripts/gpu_results/README.md): the GPU sat
-idle while Python and the dispatcher queued small kernels. Each ATen operation is at least one
-kernel launch there, so the number of operations a step dispatches is a figure this CPU can
+idle while Python and the dispatcher queued small kernels. Each ATen operation costs the host a
+dispatch there, and most launch a kernel, so the number of operations a step dispatches is a figure this CPU can
 measure for the GPU path, and one that code changes move exactly (it does not drift like time).
 
 What runs: parallel.step.PlainStep (the trainer's plain executor, bf16 autocast, foreach AdamW,
@@ -11,10 +11,12 @@ layer structure, small widths: the counts depend on the layers, hardly on their 
 fused path is mamba_ssm's Triton kernels run by Triton's interpreter (the same Python wrappers
 and launches as on a GPU; tests/model/triton_interpreter.py); attention, which on a GPU is
 FlashAttention (one operation forward, one backward), is a stand-in of that cost, as is the
-fused causal conv (`--conv fused`) and torch's fused RMSNorm kernel on CUDA (`--norm fused`). Printed: the ATen operations of the step (forward,
-backward and optimizer), the Triton launches, and the forward's operations per module class.
+fused causal conv (`--conv fused`) and torch's fused RMSNorm kernel on CUDA (`--norm fused`).
+Printed: the ATen operations of the step (forward, backward and optimizer), the Triton launches,
+the forward's operations per module class and the backward's per autograd node.
 
-    python tests/bench/bench_host_ops.py --layout 1stage_L [--bytes 1024] [--conv fused|pure] [--norm fused|pure] [--json F]
+    python tests/bench/bench_host_ops.py --layout 1stage_L [--bytes 1024] [--conv fused|pure] [--norm fused|pure]
+        [--json F, default bench-results/host_ops_LAYOUT.json]
 """
 from __future__ import annotations
 
@@ -180,12 +182,13 @@ def main() -> None:
                     help="the causal conv: fused (causal_conv1d's cost, a stand-in) or the pure-PyTorch path")
     ap.add_argument("--norm", choices=["pure", "fused"], default="fused",
                     help="the RMSNorms: fused (CUDA's one-kernel F.rms_norm, a stand-in) or as torch runs them on CPU")
-    ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--json", help="where to write the figures (default bench-results/host_ops_LAYOUT.json)")
     a = ap.parse_args()
     r = count_step(a.layout, a.bytes, a.conv, a.norm)
     print(json.dumps(r, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(r, indent=1))
+    out = Path(a.json) if a.json else ROOT / "bench-results" / f"host_ops_{a.layout}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=1))
 
 
 if __name__ == "__main__":

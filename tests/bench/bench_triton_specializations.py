@@ -17,7 +17,8 @@ specialisation function. Printed: for each kernel, the number of distinct keys o
 and the lengths at which the distinct argument specialisations first appear.
 
     python tests/bench/bench_triton_specializations.py [--config tests/fixtures/hnet_2stage_L.json]
-        [--stage 1] [--min-length 1] [--max-length 8192] [--dtype bf16] [--json F]
+        [--stage 1] [--min-length 1] [--max-length 8192] [--dtype bf16]
+        [--json F, default bench-results/triton_specializations.json]
 """
 from __future__ import annotations
 
@@ -116,12 +117,13 @@ def main() -> None:
     ap.add_argument("--min-length", type=int, default=1)
     ap.add_argument("--max-length", type=int, default=8192)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--json", help="where to write the figures (default bench-results/triton_specializations.json)")
     a = ap.parse_args()
     r = probe(a.config, a.stage, a.min_length, a.max_length, a.dtype)
     print(json.dumps(r, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(r, indent=1))
+    out = Path(a.json) if a.json else ROOT / "bench-results" / "triton_specializations.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=1))
 
 
 if __name__ == "__main__":
