@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .dtypes import upcast
 from .sequence import PackedSeqs
 from .ssd import ema_scan
@@ -93,9 +94,38 @@ def dechunk(chunked: torch.Tensor, routing: RoutingOutput, inner_seqs: PackedSeq
     ct = torch.promote_types(chunked.dtype, torch.float32)
     at_boundaries = boundary_positions(counts, inner_seqs.total)
     p = routing.boundary_prob.to(ct).clamp(min=1e-4, max=1 - 1e-4)[at_boundaries].unsqueeze(0)  # (1, M)
-    smoothed = ema_scan(chunked.to(ct), p, inner_seqs.seq_idx)
+    smoothed = ema(chunked.to(ct), p, inner_seqs.seq_idx)
     plug_back = counts - 1
     return smoothed[:, plug_back]
+
+
+EMA_CHUNK = 256  # the public code's block size for this scan
+
+
+def ema(h: torch.Tensor, p: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+    """The dechunking EMA (eq. 5) over (1, M, D) in h's dtype (fp32 or wider), reset at document
+    starts: mamba_ssm's fused SSD scan where it runs (as the public code runs it), else the pure
+    `ema_scan`. Both compute the same scan, with one head of d_state 1 per group of channels, A = -1
+    and dt = -log(1 - p), so the decay is 1 - p and the input weight p. Forward and backward, the
+    fused one dispatches about 100 ATen operations and 19 kernel launches at any M, the pure one
+    190 at M = 200 and 390 at M = 2,730 (it carries the state chunk by chunk), counted on CPU; a
+    GPU step was bound by the host's dispatch (scripts/gpu_results/README.md)."""
+    scan = kernels.mamba_chunk_scan(h)
+    d = h.shape[-1]
+    headdim = next((hd for hd in (32, 16) if d % hd == 0), None)  # Triton's dot needs 16 or more
+    if scan is None or headdim is None or h.dtype != torch.float32:
+        return ema_scan(h, p, seq_idx, chunk_size=EMA_CHUNK)
+    b, m, _ = h.shape
+    nheads = d // headdim
+    with torch.autocast(h.device.type, enabled=False):  # the scan in fp32, as the pure one
+        p = p.to(h.dtype)
+        dt = -torch.log1p(-p)  # (b, m)
+        x = (h * (p / dt).unsqueeze(-1)).view(b, m, nheads, headdim)
+        ones = torch.ones(b, m, 1, 1, device=h.device, dtype=h.dtype)  # B = C = 1, one group
+        A = -torch.ones(nheads, device=h.device, dtype=torch.float32)
+        y = scan(x, dt.unsqueeze(-1).expand(b, m, nheads), A, ones, ones, chunk_size=EMA_CHUNK,
+                 seq_idx=seq_idx)
+    return y.reshape(b, m, d)
 
 
 class _StraightThrough(torch.autograd.Function):

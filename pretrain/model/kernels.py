@@ -24,7 +24,7 @@ import torch
 _IMPORT_ERRORS: dict[str, str] = {}
 
 # What each fused package accelerates, and the module that must import for it.
-FUSED = {"mamba_ssm": ("the Mamba-2 chunked scan", "mamba_ssm.ops.triton.ssd_combined"),
+FUSED = {"mamba_ssm": ("the Mamba-2 chunked scan and the dechunking EMA", "mamba_ssm.ops.triton.ssd_combined"),
          "causal_conv1d": ("the Mamba-2 causal convolution", "causal_conv1d"),
          "flash_attn": ("varlen attention (bf16/fp16)", "flash_attn"),
          "torch_varlen_attn": ("varlen attention without flash-attn (bf16/fp16)", "torch.nn.attention.varlen")}

@@ -102,6 +102,33 @@ def test_kernel_matches_the_pure_scan_on_packed_documents(interpreter, dtype, to
     assert max(errors.values()) < tol, errors
 
 
+@pytest.mark.parametrize("d", [64, 48, 40])
+def test_dechunk_ema_on_the_fused_scan_matches_the_pure_one(interpreter, d):
+    """The dechunking EMA through mamba_chunk_scan_combined (heads of 32 channels, or 16 where 32
+    does not divide the width; a width of neither stays on the pure scan) against ema_scan: the
+    output and the gradients of the chunk values and the boundary probabilities, over documents
+    that span chunks of 256, end on a chunk boundary, or are one chunk long."""
+    from pretrain.model.dynamic_chunking import ema
+    from pretrain.model.ssd import ema_reference, ema_scan
+
+    torch.manual_seed(0)
+    lengths = [300, 1, 211, 256, 40]  # 300 + 1 + 211 = 512: the fourth document is chunk 3 exactly
+    M = sum(lengths)
+    seq = packed_seq_idx(lengths)
+    h = torch.randn(1, M, d, requires_grad=True)
+    p = (torch.rand(1, M) * 0.98 + 0.01).requires_grad_(True)
+    before = launches()
+    y_fused = ema(h, p, seq)
+    assert (launches() > before) == (d % 16 == 0)
+    y_pure = ema_scan(h, p, seq)
+    assert rel(y_pure, ema_reference(h, p, seq)) < 1e-5
+    g = torch.randn(y_pure.shape)
+    errors = {"y": rel(y_fused, y_pure)}
+    for name, a, b in zip(("h", "p"), torch.autograd.grad(y_fused, (h, p), g), torch.autograd.grad(y_pure, (h, p), g)):
+        errors[name] = rel(a, b)
+    assert max(errors.values()) < 1e-5, errors
+
+
 def run_model(model, ids, cu, fused: bool, autocast_dtype=None):
     os.environ["HNET_DISABLE_FUSED"] = "0" if fused else "1"
     model.zero_grad()
