@@ -17,11 +17,13 @@ the forward's operations per module class and the backward's per autograd node.
 
     python tests/bench/bench_host_ops.py --layout 1stage_L [--bytes 1024] [--conv fused|pure] [--norm fused|pure]
         [--json F, default bench-results/host_ops_LAYOUT.json]
+    python tests/bench/bench_host_ops.py --ema 200,1640,2730   # the dechunking EMA alone, fused and pure
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -59,6 +61,64 @@ class _FlashStandIn:
 
     def __call__(self, q, k, v, cu_seqlens, max_seqlen, window):
         return self.fn.apply(q, k, v)
+
+
+@contextlib.contextmanager
+def kernel_launches_apart():
+    """A list that is non-empty while Triton's interpreter runs a kernel: the interpreter's own
+    copies of a kernel's arguments are no operations of the GPU path, so the counts skip them."""
+    from triton.runtime import interpreter
+
+    launch, in_launch = interpreter.InterpretedFunction.run, []
+
+    def marked_launch(self, *args, **kwargs):
+        in_launch.append(1)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            in_launch.pop()
+
+    interpreter.InterpretedFunction.run = marked_launch
+    try:
+        yield in_launch
+    finally:
+        interpreter.InterpretedFunction.run = launch
+
+
+def count_ema(lengths: list[int], width: int = 64) -> list[dict]:
+    """The ATen operations and Triton launches of the dechunking EMA's forward and backward
+    (pretrain.model.dynamic_chunking.ema) at chunk sequences of these lengths, on the fused scan
+    and on the pure one."""
+    triton_interpreter.enable()
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pretrain.model.dynamic_chunking import ema
+    from pretrain.model.ssd import ema_scan
+
+    rows = []
+    for m in lengths:
+        seq_idx = torch.zeros(1, m, dtype=torch.int32)
+        for path, fn in (("fused", ema), ("pure", ema_scan)):
+            h = torch.randn(1, m, width, requires_grad=True)
+            p = (torch.rand(1, m) * 0.9 + 0.05).requires_grad_(True)
+            with kernel_launches_apart() as in_launch:
+                n = collections.Counter()
+
+                class Count(TorchDispatchMode):
+                    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                        if not in_launch:
+                            n["ops"] += 1
+                        return func(*args, **(kwargs or {}))
+
+                triton_interpreter.LAUNCHES.clear()
+                with Count():
+                    y = fn(h, p, seq_idx)
+                    forward = n["ops"]
+                    y.backward(torch.ones_like(y))
+            rows.append({"length": m, "path": path, "forward_ops": forward, "forward_and_backward_ops": n["ops"],
+                         "triton_launches": sum(triton_interpreter.LAUNCHES.values())})
+    return rows
 
 
 def count_step(layout: str, n_bytes: int, conv: str = "fused", norm: str = "fused") -> dict:
@@ -131,20 +191,6 @@ def count_step(layout: str, n_bytes: int, conv: str = "fused", norm: str = "fuse
     hooks = [m.register_forward_pre_hook(pre) for m in model.modules()]
     hooks += [m.register_forward_hook(post) for m in model.modules()]
 
-    # The interpreter's own copies of a kernel's arguments are no operations of the GPU path
-    from triton.runtime import interpreter
-
-    launch, in_launch = interpreter.InterpretedFunction.run, []
-
-    def uncounted_launch(self, *args, **kwargs):
-        in_launch.append(1)
-        try:
-            return launch(self, *args, **kwargs)
-        finally:
-            in_launch.pop()
-
-    interpreter.InterpretedFunction.run = uncounted_launch
-
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if in_launch:
@@ -159,9 +205,8 @@ def count_step(layout: str, n_bytes: int, conv: str = "fused", norm: str = "fuse
             return func(*args, **(kwargs or {}))
 
     triton_interpreter.LAUNCHES.clear()
-    with Count():
+    with kernel_launches_apart() as in_launch, Count():
         res = ex.train_step(batch)
-    interpreter.InterpretedFunction.run = launch
     for h in hooks:
         h.remove()
     instances = collections.Counter(type(m).__name__ for m in model.modules())
@@ -182,11 +227,17 @@ def main() -> None:
                     help="the causal conv: fused (causal_conv1d's cost, a stand-in) or the pure-PyTorch path")
     ap.add_argument("--norm", choices=["pure", "fused"], default="fused",
                     help="the RMSNorms: fused (CUDA's one-kernel F.rms_norm, a stand-in) or as torch runs them on CPU")
-    ap.add_argument("--json", help="where to write the figures (default bench-results/host_ops_LAYOUT.json)")
+    ap.add_argument("--ema", metavar="M,M,...",
+                    help="instead: the dechunking EMA alone, fused and pure, at these chunk-sequence lengths")
+    ap.add_argument("--json", help="where to write the figures (default bench-results/host_ops_LAYOUT.json, "
+                                   "or host_ops_ema.json)")
     a = ap.parse_args()
-    r = count_step(a.layout, a.bytes, a.conv, a.norm)
+    if a.ema:
+        r, name = count_ema([int(m) for m in a.ema.split(",")]), "ema"
+    else:
+        r, name = count_step(a.layout, a.bytes, a.conv, a.norm), a.layout
     print(json.dumps(r, indent=1))
-    out = Path(a.json) if a.json else ROOT / "bench-results" / f"host_ops_{a.layout}.json"
+    out = Path(a.json) if a.json else ROOT / "bench-results" / f"host_ops_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1))
 
