@@ -14,7 +14,8 @@ lease refuses at once, naming the holder, unless
 
 Shared file systems do not make `flock` reliable, so nothing here relies on OS locks: a lease is
 written whole (a temporary file, then `os.replace`, atomic on POSIX and on NFS), a new one is
-created with O_EXCL, and after writing, the taker reads the file back after a settle delay and
+created whole too (a temporary file hard-linked to the lease's name, which fails if it exists),
+and after writing, the taker reads the file back after a settle delay and
 keeps the lease only if its own token is still there (two takers of one stale lease: the last
 writer wins and the other refuses). Staleness compares the heartbeat's wall-clock time with the
 reader's clock, so hosts sharing a run directory are assumed to keep their clocks in step (NTP).
@@ -115,8 +116,7 @@ class LeaseRecord:
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as e:
-            # a torn or foreign file: treat it as stale (a writer replaces it whole, so this is a
-            # crash mid-create or somebody else's file; its age still decides)
+            # a foreign or damaged file (this module writes a lease whole): its age decides
             age = time.time() - os.path.getmtime(path) if os.path.exists(path) else 0.0
             return cls(Holder("?", -1, f"unreadable:{e}", "", 0, 0.0, ""), "", time.time() - age)
 
@@ -185,23 +185,40 @@ class RunLease:
         return LeaseRecord(self.me, self.token, time.time())
 
     def _create(self) -> bool:
+        """Creates the lease whole, or returns False when one exists. The record is written to a
+        temporary file first and hard-linked to the lease's name (link fails if the name exists,
+        atomically, on POSIX file systems and NFS): a reader finds no lease or the whole record.
+        Created in place with O_EXCL and then written, a rank of the same launch reading in
+        between found an empty file, judged it a foreign fresh lease, and refused its own launch."""
+        tmp = self._write_temporary()
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(tmp, self.path)
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(self._record().to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        return True
+        except OSError:  # a file system without hard links: O_EXCL, with the short window above
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(self._record().to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        finally:
+            os.remove(tmp)
 
-    def _write(self) -> None:
+    def _write_temporary(self) -> str:
         tmp = f"{self.path}.{self.token}.tmp"
         with open(tmp, "w") as f:
             f.write(self._record().to_json())
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        return tmp
+
+    def _write(self) -> None:
+        os.replace(self._write_temporary(), self.path)
 
     def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="run-lease-heartbeat", daemon=True)
