@@ -202,9 +202,7 @@ class RunLease:
             except FileExistsError:
                 return False
             with os.fdopen(fd, "w") as f:
-                f.write(self._record().to_json())
-                f.flush()
-                os.fsync(f.fileno())
+                self._dump(f)
             return True
         finally:
             os.remove(tmp)
@@ -212,10 +210,13 @@ class RunLease:
     def _write_temporary(self) -> str:
         tmp = f"{self.path}.{self.token}.tmp"
         with open(tmp, "w") as f:
-            f.write(self._record().to_json())
-            f.flush()
-            os.fsync(f.fileno())
+            self._dump(f)
         return tmp
+
+    def _dump(self, f) -> None:
+        f.write(self._record().to_json())
+        f.flush()
+        os.fsync(f.fileno())
 
     def _write(self) -> None:
         os.replace(self._write_temporary(), self.path)

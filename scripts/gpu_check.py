@@ -588,7 +588,7 @@ def main():
         check_conv(torch, device, report)  # causal-conv1d is CUDA only: reports why it is skipped
         ok &= check_norms(torch, device, report)
         if args.triton_interpreter:
-            ok = check_ssd(torch, device, report, small=True)
+            ok &= check_ssd(torch, device, report, small=True)
             ok &= check_model(torch, device, report, small=True)
             report["triton_kernel_launches"] = dict(triton_interpreter.LAUNCHES)
             os.environ.pop("HNET_TRITON_ON_CPU")  # the throughput figures are the CPU path's, as without it

@@ -107,8 +107,9 @@ def ema(h: torch.Tensor, p: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor
     starts: mamba_ssm's fused SSD scan where it runs (as the public code runs it), else the pure
     `ema_scan`. Both compute the same scan, with one head of d_state 1 per group of channels, A = -1
     and dt = -log(1 - p), so the decay is 1 - p and the input weight p. Forward and backward, the
-    fused one dispatches about 100 ATen operations and 19 kernel launches at any M, the pure one
-    190 at M = 200 and 390 at M = 2,730 (it carries the state chunk by chunk), counted on CPU; a
+    fused one dispatches 100 ATen operations and 19 kernel launches at any M, the pure one 191 at
+    M = 200 and 387 at M = 2,730 (it carries the state chunk by chunk; `python
+    tests/bench/bench_host_ops.py --ema 200,2730`); a
     GPU step was bound by the host's dispatch (scripts/gpu_results/README.md)."""
     scan = kernels.mamba_chunk_scan(h)
     d = h.shape[-1]

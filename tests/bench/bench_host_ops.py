@@ -96,28 +96,29 @@ def count_ema(lengths: list[int], width: int = 64) -> list[dict]:
     from pretrain.model.dynamic_chunking import ema
     from pretrain.model.ssd import ema_scan
 
+    n = collections.Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not in_launch:
+                n["ops"] += 1
+            return func(*args, **(kwargs or {}))
+
     rows = []
-    for m in lengths:
-        seq_idx = torch.zeros(1, m, dtype=torch.int32)
-        for path, fn in (("fused", ema), ("pure", ema_scan)):
-            h = torch.randn(1, m, width, requires_grad=True)
-            p = (torch.rand(1, m) * 0.9 + 0.05).requires_grad_(True)
-            with kernel_launches_apart() as in_launch:
-                n = collections.Counter()
-
-                class Count(TorchDispatchMode):
-                    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                        if not in_launch:
-                            n["ops"] += 1
-                        return func(*args, **(kwargs or {}))
-
+    with kernel_launches_apart() as in_launch:
+        for m in lengths:
+            seq_idx = torch.zeros(1, m, dtype=torch.int32)
+            for path, fn in (("fused", ema), ("pure", ema_scan)):
+                h = torch.randn(1, m, width, requires_grad=True)
+                p = (torch.rand(1, m) * 0.9 + 0.05).requires_grad_(True)
+                n.clear()
                 triton_interpreter.LAUNCHES.clear()
                 with Count():
                     y = fn(h, p, seq_idx)
                     forward = n["ops"]
                     y.backward(torch.ones_like(y))
-            rows.append({"length": m, "path": path, "forward_ops": forward, "forward_and_backward_ops": n["ops"],
-                         "triton_launches": sum(triton_interpreter.LAUNCHES.values())})
+                rows.append({"length": m, "path": path, "forward_ops": forward, "forward_and_backward_ops": n["ops"],
+                             "triton_launches": sum(triton_interpreter.LAUNCHES.values())})
     return rows
 
 
