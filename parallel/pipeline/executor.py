@@ -43,7 +43,7 @@ from pretrain.model.hnet import (LevelContext, check_inputs, next_byte_loss, sta
                                  weighted_ratio_loss)
 from pretrain.model.sequence import PackedSeqs
 
-from .p2p import Mailbox, Outbox
+from .p2p import Mailbox, Outbox, connect
 from .schedule import Message, build_schedule, send_order, simulate
 
 
@@ -89,6 +89,9 @@ class PipelineStep(EngineExecutor):
         self.schedule, self.in_flight = schedule, micro_batches_in_flight
         self.first_level = stage_module.first_level
         self._orders: dict = {}
+        self.rank = grid.rank_of(self.me)
+        connect(self.rank, [grid.rank_of(nb) for nb in (self.me - 1, self.me + 1) if 0 <= nb < self.p],
+                grid.p2p_group, self.device)
 
     # ------------------------------------------------------------------ data
     def batches(self, loader):
@@ -125,7 +128,8 @@ class PipelineStep(EngineExecutor):
         for nb in (self.me - 1, self.me + 1):
             if 0 <= nb < self.p:
                 expected = [m for m in send_order(orders, self.p, nb, self.me) if m.kind in kinds]
-                boxes[nb] = Mailbox(self.grid.rank_of(nb), expected, self.grid.pipe_group, self.device)
+                src = self.grid.rank_of(nb)
+                boxes[nb] = Mailbox(src, expected, self.grid.p2p_group(src, self.rank), self.device)
         return boxes
 
     def _begin_accumulation(self) -> None:
@@ -219,7 +223,7 @@ class _StepRun:
         self.ex, self.batch, self.train, self.inject_nan = ex, batch, train, inject_nan
         self.n = len(batch.micro_batches)
         self.mailboxes = mailboxes
-        self.outbox = Outbox(ex.grid.pipe_group, ex.device)
+        self.outbox = Outbox(lambda dst: ex.grid.p2p_group(ex.rank, dst), ex.device)
         self.acc = _Accumulator(ex.n_stages)
         self.weight = ex.dp_world / max(1, int(batch.global_targets))
         self.down, self.up, self.turn = {}, {}, {}

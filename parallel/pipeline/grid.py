@@ -13,6 +13,8 @@ is the `mpu` handed to `deepspeed.initialize`:
   parallelism replicates the unsliced parameters there), but pipeline stages share no
   parameter, so every stage must count its own. It also names checkpoint files mp_rank_00:
   each stage saves into a folder of its own (pipe{k}), a plain data-parallel ZeRO-3 checkpoint.
+- point-to-point groups: one of two ranks per neighbouring pair of stages and direction, so that
+  under NCCL each direction has a communicator and a stream of its own (p2p.py says why).
 - tensor parallelism: none (size 1).
 The model-parallel size the engine records in checkpoints is set back to 1 (zero3.py).
 """
@@ -41,6 +43,15 @@ class PipelineGrid:
             g = dist.new_group(self.pipeline_ranks(d))
             if d == self.dp_rank:
                 self.pipe_group = g
+        # (src, dst) -> the group carrying src's messages to dst, for this rank's neighbours
+        self.p2p_groups: dict[tuple[int, int], object] = {}
+        for d in range(self.dp):
+            for s in range(self.pp - 1):
+                upper, lower = s * self.dp + d, (s + 1) * self.dp + d
+                for src, dst in ((upper, lower), (lower, upper)):
+                    g = dist.new_group([upper, lower])
+                    if rank in (upper, lower):
+                        self.p2p_groups[(src, dst)] = g
         # the data loader gathers documents (Python objects) over gloo, whatever the training backend
         g = dist.new_group(self.stage_ranks(0), backend="gloo")
         if self.is_first:
@@ -52,6 +63,10 @@ class PipelineGrid:
 
     def pipeline_ranks(self, dp_index: int) -> list[int]:
         return [s * self.dp + dp_index for s in range(self.pp)]
+
+    def p2p_group(self, src: int, dst: int):
+        """The group of src's messages to dst (global ranks of neighbouring stages)."""
+        return self.p2p_groups[(src, dst)]
 
     def rank_of(self, stage: int) -> int:
         """The global rank holding `stage` in this rank's pipeline."""

@@ -6,8 +6,18 @@ tensor its dtype code and shape) and the tensors, all non-blocking (`isend`), an
 for them before its step ends. The receiver knows from the static schedule the order in which
 each neighbour sends its messages (`schedule.send_order`) and receives them in exactly that
 order, one header ahead: a header receive is always posted early, the payload receives as soon
-as its header is in. In-order matching is what NCCL's point-to-point needs; gloo matches by
-(source, tag) in order as well. A message that arrives before it is needed waits in the mailbox.
+as its header is in. A message that arrives before it is needed waits in the mailbox.
+
+Every direction between two neighbours has a process group of its own (`PipelineGrid.p2p_group`).
+ProcessGroupNCCL runs the un-batched sends and receives between two ranks of a group on one
+communicator and one CUDA stream, both directions together, in the order they are issued, and
+ignores tags: a receive waiting there for its data holds every later send to the same peer. With
+a header receive posted early on both sides of one shared group, both ranks' first sends would
+queue behind receives that wait for them, and real activation sizes would hang where gloo (which
+matches by tag) runs. On its own group each direction is a single ordered stream of the sender's
+sends and the receiver's matching receives. Creating a communicator blocks both ranks until each
+has issued its first operation on it, so `connect` makes them all at the start, neighbour pair by
+neighbour pair down the pipeline, before a step can wait on one.
 """
 from __future__ import annotations
 
@@ -44,11 +54,32 @@ def decode_header(header: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ..
     return out
 
 
+def connect(me: int, neighbours: list[int], group_of, device) -> None:
+    """Creates this rank's point-to-point communicators before any step: for each neighbour, upper
+    one first, one int64 (the sender's rank) each way on the pair's two groups, in an order every
+    rank of the pipeline agrees on (the pair's upper rank sends first), so the blocking creations
+    form a chain down the pipeline instead of waiting on each other. The received ranks are
+    checked: a grid that pairs the wrong ranks fails here, naming them."""
+    for nb in sorted(neighbours):
+        upper, lower = min(me, nb), max(me, nb)
+        for src, dst in ((upper, lower), (lower, upper)):
+            group = group_of(src, dst)
+            buf = torch.tensor([me if src == me else -1], dtype=torch.int64, device=device)
+            if src == me:
+                dist.isend(buf, dst=dst, group=group, tag=TAG).wait()
+            else:
+                dist.irecv(buf, src=src, group=group, tag=TAG).wait()
+                got = int(buf.item())  # once at start: the channel is checked before training
+                if got != src:
+                    raise RuntimeError(f"pipeline rank {me}: the channel from rank {src} delivered rank {got}'s "
+                                       f"message: the pipeline grid pairs the wrong ranks")
+
+
 class Outbox:
     """Non-blocking sends; the tensors stay referenced until `wait_all` (the end of the step)."""
 
-    def __init__(self, group, device):
-        self.group, self.device = group, device
+    def __init__(self, group_of, device):
+        self.group_of, self.device = group_of, device  # group_of(dst): the group of messages to dst
         self.pending: list = []
         self.bytes_sent = 0
 
@@ -57,7 +88,7 @@ class Outbox:
         payload = [t.to(torch.uint8) if t.dtype == torch.bool else t for t in payload]  # gloo/NCCL: no bool
         header = encode_header([t for t in tensors], self.device)
         for t in [header, *payload]:
-            self.pending.append((dist.isend(t, dst=dst, group=self.group, tag=TAG), t))
+            self.pending.append((dist.isend(t, dst=dst, group=self.group_of(dst), tag=TAG), t))
             self.bytes_sent += t.numel() * t.element_size()
 
     def wait_all(self) -> None:
@@ -67,7 +98,8 @@ class Outbox:
 
 
 class Mailbox:
-    """Receives the messages of one neighbour in its send order (`expected`: their keys)."""
+    """Receives the messages of one neighbour in its send order (`expected`: their keys), on the
+    group of that neighbour's messages to this rank."""
 
     def __init__(self, src: int, expected: list, group, device):
         self.src, self.expected, self.group, self.device = src, list(expected), group, device

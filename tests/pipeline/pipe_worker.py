@@ -6,6 +6,10 @@ global norm decides every update:
 - `--mode plain`: plain PyTorch in one process, the reference;
 - `--mode pipe --pp P` with WORLD_SIZE = P x DP: the hierarchy over P pipeline ranks, DP
   replicas per stage; replica d's first stage takes micro-batches d, d + DP, ...
+`--p2p-log` also records every point-to-point send and receive the rank issues (its process
+group, peer, size and dtype, in issue order), from the executor's start to the end of one
+forward-only evaluation step after the training steps, into rank{r}_p2p.json: the input of the
+NCCL ordering check in test_pipeline_equivalence.py.
 Each writes, per step, the global loss, ratio loss, gradient norm and (before the optimizer
 step) the full gradients of the parameters it holds, then the final parameters; pipeline ranks
 also what they hold of every parameter (the sharding test).
@@ -40,6 +44,26 @@ def to_list(t: torch.Tensor) -> list:
     return t.detach().float().cpu().tolist()
 
 
+def record_p2p() -> list:
+    """Records each isend / irecv as [group name, this rank, peer, "send" | "recv", numel, dtype]
+    before issuing it (torch names a group alike on every rank: all create groups in one order)."""
+    import torch.distributed as dist
+
+    log: list = []
+    me = dist.get_rank()
+
+    def wrap(real, kind):
+        def issue(tensor, *args, group=None, **kwargs):
+            peer = kwargs.get("dst", kwargs.get("src", args[0] if args else None))
+            name = (group or dist.group.WORLD).group_name
+            log.append([name, me, peer, kind, tensor.numel(), str(tensor.dtype)])
+            return real(tensor, *args, group=group, **kwargs)
+        return issue
+
+    dist.isend, dist.irecv = wrap(dist.isend, "send"), wrap(dist.irecv, "recv")
+    return log
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -48,6 +72,7 @@ def main() -> None:
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--schedule", default="v")
     ap.add_argument("--no-fix", action="store_true", help="leave out the ZeRO-3 accumulation fix")
+    ap.add_argument("--p2p-log", action="store_true", help="record the point-to-point operations issued")
     a = ap.parse_args()
 
     from parallel.build import build_executor
@@ -67,6 +92,7 @@ def main() -> None:
     dp = info.world_size // a.pp if a.mode == "pipe" else 1
     ds_config = resolve_ds_config(cfg, dp) if a.mode == "pipe" else None
     init_process_group(info, use_deepspeed=a.mode == "pipe")
+    p2p_log = record_p2p() if a.p2p_log else None
     executor, group_mults, _ = build_executor(cfg, info, model_cfg, ds_config)
     if a.no_fix:
         executor.zero3_accumulate_fix = False
@@ -102,6 +128,11 @@ def main() -> None:
         result["params"] = {n: to_list(p) for n, p in named}
         Path(a.out, "plain.json").write_text(json.dumps(result))
         return
+    if p2p_log is not None:  # evaluation's forward-only order over the same ranks
+        step = equiv_worker.Step(mbs[executor.dp_rank::dp], global_targets=sum(m.n_targets for m in mbs),
+                                 global_bytes=sum(m.n_bytes for m in mbs))
+        executor.eval_step(next(executor.batches([step])) if executor.reads_data else next(executor.batches(None)))
+        Path(a.out, f"rank{info.rank}_p2p.json").write_text(json.dumps(p2p_log))
     import deepspeed
 
     held = {n: [int(p.ds_tensor.numel()), int(p.ds_numel)] for n, p in named}

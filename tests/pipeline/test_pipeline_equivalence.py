@@ -6,6 +6,9 @@ update. Losses, ratio losses, clipped global norms and the full gradient of ever
 every step, and the parameters after the third step, must agree with plain PyTorch within 1e-5.
 Three steps, because the ZeRO-3 accumulation trap (parallel/pipeline/executor.py) shows from the
 second step on: `test_zero3_trap_without_the_fix` runs without the fix and must differ.
+
+The same runs record every point-to-point operation and check the order NCCL needs (gloo,
+which these tests run on, is more forgiving): `nccl_p2p_problems`.
 """
 from __future__ import annotations
 
@@ -32,9 +35,78 @@ def _plain(tmp_path, config: str) -> dict:
 def _pipe(tmp_path, config: str, pp: int, dp: int, *extra: str) -> list[dict]:
     out = tmp_path / f"pipe_{config}_{pp}x{dp}{'_'.join(extra)}"
     out.mkdir()
-    run_ranks([PY, WORKER, str(out), "--mode", "pipe", "--config", config, "--pp", str(pp), *extra], pp * dp, REPO,
-              log_dir=out, timeout=300)
+    run_ranks([PY, WORKER, str(out), "--mode", "pipe", "--config", config, "--pp", str(pp), "--p2p-log", *extra],
+              pp * dp, REPO, log_dir=out, timeout=300)
+    logs = [json.loads((out / f"rank{r}_p2p.json").read_text()) for r in range(pp * dp)]
+    problems = nccl_p2p_problems(logs)
+    assert not problems, "point-to-point order that would hang under NCCL:\n" + "\n".join(problems[:6])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(pp * dp)]
+
+
+def nccl_p2p_problems(logs: list[list]) -> list[str]:
+    """What in the recorded sends and receives (each rank's in issue order; pipe_worker.py
+    record_p2p) would deadlock under NCCL although gloo ran it.
+
+    ProcessGroupNCCL runs the un-batched sends and receives between two ranks of one group on one
+    communicator and one stream, in both directions, in issue order, and tags are ignored: a
+    receive at the head of that stream holds every later operation on it until its data comes,
+    and the two ranks' k-th operations there must be one send and its receive (same size and
+    dtype). gloo runs each on its own and matches by tag, so the CPU tests pass either way. The
+    first operation on such a communicator also creates it, which blocks the host until the peer
+    does its first one there: the order in which the ranks first use their communicators must
+    leave no cycle."""
+    per_comm: dict = {}  # (group, low, high) -> {rank: [(kind, numel, dtype)]}
+    first_use: dict = {}  # rank -> [(group, low, high)] in the order of first use
+    for log in logs:
+        for group, me, peer, kind, numel, dtype in log:
+            key = (group, min(me, peer), max(me, peer))
+            ops = per_comm.setdefault(key, {}).setdefault(me, [])
+            if not ops:
+                first_use.setdefault(me, []).append(key)
+            ops.append((kind, numel, dtype))
+    problems = []
+    for (group, a, b), sides in sorted(per_comm.items()):
+        ops_a, ops_b = sides.get(a, []), sides.get(b, [])
+        for k, (x, y) in enumerate(zip(ops_a, ops_b)):
+            if x[0] == y[0] or x[1:] != y[1:]:
+                problems.append(f"group {group}, ranks {a}/{b}: operation {k} is {x} on {a} but {y} on {b}")
+                break
+        else:
+            if len(ops_a) != len(ops_b):
+                problems.append(f"group {group}, ranks {a}/{b}: {len(ops_a)} operations on {a}, {len(ops_b)} on {b}")
+    before: dict = {}  # communicator -> communicators some rank first-used after it
+    for keys in first_use.values():
+        for i, k in enumerate(keys):
+            before.setdefault(k, set()).update(keys[i + 1:])
+    state: dict = {}
+
+    def cyclic(k) -> bool:  # depth-first search for a cycle through k
+        if state.get(k) == "open":
+            return True
+        if state.get(k) == "done":
+            return False
+        state[k] = "open"
+        found = any(cyclic(n) for n in before.get(k, ()))
+        state[k] = "done"
+        return found
+
+    if any(cyclic(k) for k in sorted(before)):
+        problems.append(f"the ranks first use their communicators in orders with a cycle: {first_use}")
+    return problems
+
+
+def test_the_nccl_order_check_finds_both_hazards():
+    """The check itself: a receive posted on both sides first, and creations in crossed orders."""
+    recv_first = [[["g", 0, 1, "recv", 61, "int64"], ["g", 0, 1, "send", 61, "int64"]],
+                  [["g", 1, 0, "recv", 61, "int64"], ["g", 1, 0, "send", 61, "int64"]]]
+    assert "operation 0" in nccl_p2p_problems(recv_first)[0]
+    mirrored = [[["g", 0, 1, "send", 61, "int64"], ["g", 0, 1, "recv", 8, "float32"]],
+                [["g", 1, 0, "recv", 61, "int64"], ["g", 1, 0, "send", 8, "float32"]]]
+    assert nccl_p2p_problems(mirrored) == []
+    crossed = [[["x", 0, 1, "send", 1, "int64"], ["y", 0, 1, "recv", 1, "int64"]],
+               [["y", 1, 0, "send", 1, "int64"], ["x", 1, 0, "recv", 1, "int64"]]]
+    problems = nccl_p2p_problems(crossed)
+    assert len(problems) == 1 and "cycle" in problems[0], problems
 
 
 def _max_diff(mine: dict, ref: dict) -> tuple[float, str]:
