@@ -56,24 +56,42 @@ class RNGState:
     """This process's Python, NumPy, torch and CUDA generators. The state differs per rank, so it
     is saved for every rank (`per_rank=True` at registration); at another world size the ranks
     no longer match the saved ones and every rank is reseeded from the run seed, the step and its
-    rank instead (`reseed`)."""
+    rank instead (`reseed`).
 
-    def __init__(self, seed: int, rank: int, train_state: TrainState):
+    Of CUDA, only this rank's device: a rank computes on one GPU, and the generators of the
+    others it can see depend on the launch (torchrun shows a task the node's eight GPUs, `srun
+    --gpus-per-task=1` one), so a resume under another binding must not restore eight states
+    into one device (an invalid ordinal) or another device's state into this one."""
+
+    def __init__(self, seed: int, rank: int, train_state: TrainState, cuda=torch.cuda):
         self.seed, self.rank, self.train_state = seed, rank, train_state
+        self.cuda = cuda  # torch.cuda; its generators are per device
 
     def state_dict(self) -> dict:
+        cuda = self.cuda.get_rng_state(self.cuda.current_device()) if self.cuda.is_available() else None
         return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+                "cuda": cuda}
 
     def load_state_dict(self, state: dict) -> None:
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
-        if state.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        saved = state.get("cuda")
+        if saved is None or not self.cuda.is_available():
+            return
+        device = self.cuda.current_device()
+        if isinstance(saved, (list, tuple)):  # checkpoints before this format: every visible device's
+            if device >= len(saved):
+                self.reseed_cuda()
+                return
+            saved = saved[device]
+        self.cuda.set_rng_state(saved, device)
 
     def reseed(self) -> None:
         seed_everything(self.seed + 1000003 * self.train_state.step + self.rank)
+
+    def reseed_cuda(self) -> None:
+        self.cuda.manual_seed(self.seed + 1000003 * self.train_state.step + self.rank)
 
 
 class PerRank:
