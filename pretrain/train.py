@@ -223,9 +223,14 @@ class Trainer:
 
     def build(self) -> None:
         """Process group, run directory, executor, data, schedule; registers the resumable state."""
-        from parallel.build import build_executor
+        from parallel.build import build_executor, device_for
 
         cfg, info = self.cfg, self.info
+        device = device_for(info.local_rank)  # a LOCAL_RANK past the visible GPUs fails here, named
+        if device.type == "cuda":
+            # this rank's GPU before any collective (PyTorch's advice for NCCL): DeepSpeed sets it
+            # only in deepspeed.initialize, and a collective before that would put every rank on cuda:0
+            torch.cuda.set_device(device)
         init_process_group(info, use_deepspeed=self.use_ds, timeout_s=cfg.train.collective_timeout_s)
         if cfg.train.deterministic:
             deterministic_cuda_env(torch.cuda.is_available())
