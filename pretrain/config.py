@@ -89,8 +89,9 @@ class TrainSection:
     eval_every: int = 0  # 0 = only at the end (when eval_index is set)
     eval_max_steps: int = 0  # 0 = the whole held-out set
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable runs and resumes
-    #                              (without it even CPU runs with >1 thread differ in the last bits: a
-    #                              gather's backward accumulates with parallel atomics)
+    #                              on CPU (without it runs with >1 thread differ in the last bits: a
+    #                              gather's backward accumulates with parallel atomics). Not on CUDA with
+    #                              mamba-ssm: its Triton backward adds with atomics torch does not control
     peak_tflops: float = 0.0  # per device, for perf/mfu; 0 = look up by GPU name
     collective_timeout_s: float = 900.0  # a collective waiting longer (a hung or dead peer) fails the rank
     require_fused: bool = True  # on CUDA, stop at start when a fused kernel (mamba-ssm, causal-conv1d,
