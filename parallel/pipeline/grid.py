@@ -13,8 +13,8 @@ is the `mpu` handed to `deepspeed.initialize`:
   parallelism replicates the unsliced parameters there), but pipeline stages share no
   parameter, so every stage must count its own. It also names checkpoint files mp_rank_00:
   each stage saves into a folder of its own (pipe{k}), a plain data-parallel ZeRO-3 checkpoint.
-- point-to-point groups: one of two ranks per neighbouring pair of stages and direction, so that
-  under NCCL each direction has a communicator and a stream of its own (p2p.py says why).
+- point-to-point groups: one per neighbouring pair of stages and direction, so that under NCCL
+  each direction has a communicator and a stream of its own (p2p.py says why).
 - tensor parallelism: none (size 1).
 The model-parallel size the engine records in checkpoints is set back to 1 (zero3.py).
 """
@@ -43,17 +43,23 @@ class PipelineGrid:
             g = dist.new_group(self.pipeline_ranks(d))
             if d == self.dp_rank:
                 self.pipe_group = g
-        # (src, dst) -> the group carrying src's messages to dst, for this rank's neighbours
+        # point-to-point: one group per neighbouring pair of stages and direction, holding the
+        # replicas of both stages; in each, a rank only sends to its own pipeline's neighbour or only
+        # receives from it (p2p.py says why). Keyed (source stage, destination stage).
         self.p2p_groups: dict[tuple[int, int], object] = {}
-        for d in range(self.dp):
-            for s in range(self.pp - 1):
-                upper, lower = s * self.dp + d, (s + 1) * self.dp + d
-                for src, dst in ((upper, lower), (lower, upper)):
-                    g = dist.new_group([upper, lower])
-                    if rank in (upper, lower):
-                        self.p2p_groups[(src, dst)] = g
-        # the data loader gathers documents (Python objects) over gloo, whatever the training backend
-        g = dist.new_group(self.stage_ranks(0), backend="gloo")
+        for s in range(self.pp - 1):
+            members = self.stage_ranks(s) + self.stage_ranks(s + 1)
+            for src, dst in ((s, s + 1), (s + 1, s)):
+                g = dist.new_group(members)
+                if self.stage in (src, dst):
+                    self.p2p_groups[(src, dst)] = g
+        # The data loader gathers documents (Python objects) over gloo, whatever the training
+        # backend. Locally synchronised: when DeepSpeed binds the world to a GPU (device_id), torch
+        # makes every later group by splitting the world's NCCL communicator, a collective the
+        # ranks outside a group join too, whatever its backend, but the members of a gloo group
+        # never do; the other stages would wait for them. use_local_synchronization leaves the
+        # ranks outside out of it (and names the group by its ranks, not by the world's count).
+        g = dist.new_group(self.stage_ranks(0), backend="gloo", use_local_synchronization=True)
         if self.is_first:
             self.data_group = g
         self.tensor_group = None  # no tensor parallelism
@@ -66,7 +72,7 @@ class PipelineGrid:
 
     def p2p_group(self, src: int, dst: int):
         """The group of src's messages to dst (global ranks of neighbouring stages)."""
-        return self.p2p_groups[(src, dst)]
+        return self.p2p_groups[(src // self.dp, dst // self.dp)]
 
     def rank_of(self, stage: int) -> int:
         """The global rank holding `stage` in this rank's pipeline."""

@@ -4,20 +4,25 @@ micro-batch (dynamic chunking decides how many positions the next level sees).
 A message is a list of tensors. The sender posts a fixed-size int64 header (count, then per
 tensor its dtype code and shape) and the tensors, all non-blocking (`isend`), and never waits
 for them before its step ends. The receiver knows from the static schedule the order in which
-each neighbour sends its messages (`schedule.send_order`) and receives them in exactly that
-order, one header ahead: a header receive is always posted early, the payload receives as soon
-as its header is in. A message that arrives before it is needed waits in the mailbox.
+each neighbour sends its messages (`schedule.send_order`) and takes them in exactly that order:
+when it needs a message, it receives the next header and waits for it, then posts that message's
+payload receives. A message taken on the way to a later one waits in the mailbox.
 
-Every direction between two neighbours has a process group of its own (`PipelineGrid.p2p_group`).
-ProcessGroupNCCL runs the un-batched sends and receives between two ranks of a group on one
-communicator and one CUDA stream, both directions together, in the order they are issued, and
-ignores tags: a receive waiting there for its data holds every later send to the same peer. With
-a header receive posted early on both sides of one shared group, both ranks' first sends would
-queue behind receives that wait for them, and real activation sizes would hang where gloo (which
-matches by tag) runs. On its own group each direction is a single ordered stream of the sender's
-sends and the receiver's matching receives. Creating a communicator blocks both ranks until each
-has issued its first operation on it, so `connect` makes them all at the start, neighbour pair by
-neighbour pair down the pipeline, before a step can wait on one.
+What NCCL asks of this, and gloo (the CPU tests' backend) does not:
+- Order. ProcessGroupNCCL ignores tags and runs a rank's un-batched sends and receives on one
+  group in issue order on one stream: per pair of ranks when the group was made lazily, per
+  group when the world is bound to a device (DeepSpeed passes `device_id`). A receive waiting
+  there for its data holds every later operation on the stream. So each direction between two
+  neighbouring stages has a group of its own (`PipelineGrid.p2p_group`), in which a rank only
+  sends to one peer or only receives from one, in one agreed order.
+- No receive left waiting. A receive kernel posted before the data is due spins on the GPU;
+  anything that synchronises the whole device meanwhile (cudaFree when the caching allocator
+  gives memory back under pressure) waits for it, while its send may wait for this rank. A
+  header is therefore received only when the host blocks on it anyway; the payload receives
+  after it match sends the peer issued with that header.
+- Creation. A communicator made at its first use blocks both hosts until each has used it, so
+  `connect` makes them all at the start, neighbour pair by neighbour pair down the pipeline,
+  before a step can wait on one. (Bound to a device, `new_group` already made them.)
 """
 from __future__ import annotations
 
@@ -99,26 +104,20 @@ class Outbox:
 
 class Mailbox:
     """Receives the messages of one neighbour in its send order (`expected`: their keys), on the
-    group of that neighbour's messages to this rank."""
+    group of that neighbour's messages to this rank. A header receive is posted only when this
+    rank needs a message and waits for it at once (see the module docstring)."""
 
     def __init__(self, src: int, expected: list, group, device):
         self.src, self.expected, self.group, self.device = src, list(expected), group, device
-        self.arrived: dict = {}  # key -> (header spec, [(work, tensor)])
-        self.next = 0  # index in `expected` of the message whose header is posted
-        self.header = None
+        self.arrived: dict = {}  # key -> [(work, tensor, dtype)]
+        self.next = 0  # index in `expected` of the next message to take
         self.wait_s = 0.0
         self.bytes_received = 0
-        self._post_header()
-
-    def _post_header(self) -> None:
-        if self.next < len(self.expected):
-            buf = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-            self.header = (dist.irecv(buf, src=self.src, group=self.group, tag=TAG), buf)
 
     def _take_header(self) -> None:
-        """Waits for the posted header, posts its payload receives and the next header."""
-        work, buf = self.header
-        work.wait()
+        """Receives the next message's header and posts its payload receives."""
+        buf = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        dist.irecv(buf, src=self.src, group=self.group, tag=TAG).wait()
         specs = decode_header(buf)
         recvs = []
         for dtype, shape in specs:
@@ -128,8 +127,6 @@ class Mailbox:
             self.bytes_received += t.numel() * t.element_size()
         self.arrived[self.expected[self.next]] = recvs
         self.next += 1
-        self.header = None
-        self._post_header()
 
     def get(self, key) -> list[torch.Tensor]:
         """The tensors of message `key` (blocks until they are in; the wait is timed)."""

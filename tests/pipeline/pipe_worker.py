@@ -44,23 +44,41 @@ def to_list(t: torch.Tensor) -> list:
     return t.detach().float().cpu().tolist()
 
 
-def record_p2p() -> list:
-    """Records each isend / irecv as [group name, this rank, peer, "send" | "recv", numel, dtype]
-    before issuing it (torch names a group alike on every rank: all create groups in one order)."""
+def record_p2p() -> dict:
+    """Records, in issue order: each isend / irecv as [group name, this rank, peer, "send" |
+    "recv", numel, dtype] ("ops"; torch names a group alike on every rank, all creating groups in
+    one order), each wait on a receive as [its index in ops, ops issued before the wait] ("waits"),
+    and each new_group call as [ranks or None, backend, use_local_synchronization] ("groups")."""
     import torch.distributed as dist
 
-    log: list = []
+    log: dict = {"ops": [], "waits": [], "groups": []}
     me = dist.get_rank()
+
+    class Waited:
+        def __init__(self, work, index):
+            self.work, self.index = work, index
+
+        def wait(self, *args, **kwargs):
+            log["waits"].append([self.index, len(log["ops"])])
+            return self.work.wait(*args, **kwargs)
 
     def wrap(real, kind):
         def issue(tensor, *args, group=None, **kwargs):
             peer = kwargs.get("dst", kwargs.get("src", args[0] if args else None))
             name = (group or dist.group.WORLD).group_name
-            log.append([name, me, peer, kind, tensor.numel(), str(tensor.dtype)])
-            return real(tensor, *args, group=group, **kwargs)
+            log["ops"].append([name, me, peer, kind, tensor.numel(), str(tensor.dtype)])
+            work = real(tensor, *args, group=group, **kwargs)
+            return Waited(work, len(log["ops"]) - 1) if kind == "recv" else work
         return issue
 
-    dist.isend, dist.irecv = wrap(dist.isend, "send"), wrap(dist.irecv, "recv")
+    real_new_group = dist.new_group
+
+    def new_group(ranks=None, *args, **kwargs):
+        log["groups"].append([sorted(ranks) if ranks is not None else None, kwargs.get("backend"),
+                              bool(kwargs.get("use_local_synchronization", False))])
+        return real_new_group(ranks, *args, **kwargs)
+
+    dist.isend, dist.irecv, dist.new_group = wrap(dist.isend, "send"), wrap(dist.irecv, "recv"), new_group
     return log
 
 

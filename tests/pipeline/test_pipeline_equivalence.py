@@ -38,33 +38,44 @@ def _pipe(tmp_path, config: str, pp: int, dp: int, *extra: str) -> list[dict]:
     run_ranks([PY, WORKER, str(out), "--mode", "pipe", "--config", config, "--pp", str(pp), "--p2p-log", *extra],
               pp * dp, REPO, log_dir=out, timeout=300)
     logs = [json.loads((out / f"rank{r}_p2p.json").read_text()) for r in range(pp * dp)]
+    assert all(log["ops"] and log["groups"] for log in logs), "the recorder saw no operation or group"
     problems = nccl_p2p_problems(logs)
     assert not problems, "point-to-point order that would hang under NCCL:\n" + "\n".join(problems[:6])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(pp * dp)]
 
 
-def nccl_p2p_problems(logs: list[list]) -> list[str]:
-    """What in the recorded sends and receives (each rank's in issue order; pipe_worker.py
-    record_p2p) would deadlock under NCCL although gloo ran it.
+def nccl_p2p_problems(logs: list[dict]) -> list[str]:
+    """What in the recorded group creations, sends, receives and waits (each rank's, in issue
+    order; pipe_worker.py record_p2p) would hang under NCCL although gloo ran it.
 
-    ProcessGroupNCCL runs the un-batched sends and receives between two ranks of one group on one
-    communicator and one stream, in both directions, in issue order, and tags are ignored: a
-    receive at the head of that stream holds every later operation on it until its data comes,
-    and the two ranks' k-th operations there must be one send and its receive (same size and
-    dtype). gloo runs each on its own and matches by tag, so the CPU tests pass either way. The
-    first operation on such a communicator also creates it, which blocks the host until the peer
-    does its first one there: the order in which the ranks first use their communicators must
-    leave no cycle."""
+    - Order. ProcessGroupNCCL ignores tags and runs a rank's un-batched sends and receives on one
+      group in issue order on one stream: per pair of ranks (communicator made lazily), or per
+      group (world bound to a device, as DeepSpeed binds it). So on every (group, pair) the two
+      ranks' k-th operations must be a send and its receive of one size and dtype, and a rank
+      may talk to only one peer per group.
+    - Creation. A communicator made at its first use blocks the host until the peer uses it too:
+      the order in which the ranks first use their communicators must leave no cycle.
+    - No receive left waiting. When a rank sends, each receive it has not waited for yet must be
+      a payload of a message whose header it already received (its send was issued with that
+      header): posted right after a waited receive from the same peer on the same group, with
+      only receives from there in between. Any other receive would spin on the GPU until a send
+      that may wait for this rank, and whatever synchronises the device meanwhile hangs.
+    - Groups. Bound to a device, every new group is split from the world's NCCL communicator, a
+      collective the ranks outside it join too, whatever its backend, while members of a gloo
+      group do not: a group with a backend of its own over some ranks must be created with
+      use_local_synchronization, and every rank must create the other groups in one order."""
+    problems = []
     per_comm: dict = {}  # (group, low, high) -> {rank: [(kind, numel, dtype)]}
     first_use: dict = {}  # rank -> [(group, low, high)] in the order of first use
+    peers: dict = {}  # (group, rank) -> its peers there
     for log in logs:
-        for group, me, peer, kind, numel, dtype in log:
+        for group, me, peer, kind, numel, dtype in log["ops"]:
             key = (group, min(me, peer), max(me, peer))
             ops = per_comm.setdefault(key, {}).setdefault(me, [])
             if not ops:
                 first_use.setdefault(me, []).append(key)
             ops.append((kind, numel, dtype))
-    problems = []
+            peers.setdefault((group, me), set()).add(peer)
     for (group, a, b), sides in sorted(per_comm.items()):
         ops_a, ops_b = sides.get(a, []), sides.get(b, [])
         for k, (x, y) in enumerate(zip(ops_a, ops_b)):
@@ -74,6 +85,8 @@ def nccl_p2p_problems(logs: list[list]) -> list[str]:
         else:
             if len(ops_a) != len(ops_b):
                 problems.append(f"group {group}, ranks {a}/{b}: {len(ops_a)} operations on {a}, {len(ops_b)} on {b}")
+    problems += [f"rank {me} talks to ranks {sorted(p)} on group {g}: one stream when the world is bound to a GPU"
+                 for (g, me), p in sorted(peers.items()) if len(p) > 1]
     before: dict = {}  # communicator -> communicators some rank first-used after it
     for keys in first_use.values():
         for i, k in enumerate(keys):
@@ -92,21 +105,76 @@ def nccl_p2p_problems(logs: list[list]) -> list[str]:
 
     if any(cyclic(k) for k in sorted(before)):
         problems.append(f"the ranks first use their communicators in orders with a cycle: {first_use}")
+    for log in logs:  # receives left waiting
+        ops = log["ops"]
+        waits_before: dict = {}  # op index -> the receives waited for just before it was issued
+        for j, at in log["waits"]:
+            waits_before.setdefault(at, []).append(j)
+        payload, waited, burst = {}, set(), None
+        for i, (group, me, peer, kind, _, _) in enumerate(ops):
+            for j in waits_before.get(i, []):
+                waited.add(j)
+                burst = (ops[j][0], ops[j][2])
+            if kind == "recv":
+                payload[i] = burst == (group, peer)
+                burst = burst if payload[i] else None
+                continue
+            burst = None
+            early = [j for j in payload if j not in waited and not payload[j]]
+            if early:
+                problems.append(f"rank {me} sends (operation {i}) while receive {early[0]} {ops[early[0]]}, "
+                                f"posted before its message was announced, waits")
+                break
+    world = len(logs)
+    orders = {tuple((tuple(r) if r else None, b) for r, b, local in log["groups"] if not local) for log in logs}
+    if len(orders) > 1:
+        problems.append(f"the ranks create their groups in {len(orders)} different orders")
+    problems += [f"new_group({ranks}, backend={backend!r}) without use_local_synchronization: bound to a GPU, the "
+                 f"other ranks would split the world's NCCL communicator and its members would not"
+                 for ranks, backend, local in logs[0]["groups"] if backend and ranks and len(ranks) < world and not local]
     return problems
+def _rank_log(ops, waited=(), groups=()):
+    """A log as record_p2p writes it; `waited`: the receives waited for right after their posting."""
+    return {"ops": [list(op) for op in ops], "waits": [[j, j + 1] for j in waited], "groups": [list(g) for g in groups]}
 
 
-def test_the_nccl_order_check_finds_both_hazards():
-    """The check itself: a receive posted on both sides first, and creations in crossed orders."""
-    recv_first = [[["g", 0, 1, "recv", 61, "int64"], ["g", 0, 1, "send", 61, "int64"]],
-                  [["g", 1, 0, "recv", 61, "int64"], ["g", 1, 0, "send", 61, "int64"]]]
-    assert "operation 0" in nccl_p2p_problems(recv_first)[0]
-    mirrored = [[["g", 0, 1, "send", 61, "int64"], ["g", 0, 1, "recv", 8, "float32"]],
-                [["g", 1, 0, "recv", 61, "int64"], ["g", 1, 0, "send", 8, "float32"]]]
-    assert nccl_p2p_problems(mirrored) == []
-    crossed = [[["x", 0, 1, "send", 1, "int64"], ["y", 0, 1, "recv", 1, "int64"]],
-               [["y", 1, 0, "send", 1, "int64"], ["x", 1, 0, "recv", 1, "int64"]]]
+def test_the_nccl_order_check_finds_each_hazard():
+    """The check itself, on hand-written logs: each hazard alone, and a clean exchange."""
+    hdr, act = (61, "torch.int64"), (8, "torch.float32")
+    clean = [_rank_log([("d", 0, 1, "send", *hdr), ("d", 0, 1, "send", *act), ("u", 0, 1, "recv", *hdr),
+                        ("u", 0, 1, "recv", *act)], waited=[2, 3]),
+             _rank_log([("d", 1, 0, "recv", *hdr), ("d", 1, 0, "recv", *act), ("u", 1, 0, "send", *hdr),
+                        ("u", 1, 0, "send", *act)], waited=[0, 1])]
+    assert nccl_p2p_problems(clean) == []
+    # both post a receive first on one shared group (the defect fixed in cca66f9)
+    shared = [_rank_log([("g", 0, 1, "recv", *hdr), ("g", 0, 1, "send", *hdr)], waited=[0]),
+              _rank_log([("g", 1, 0, "recv", *hdr), ("g", 1, 0, "send", *hdr)], waited=[0])]
+    assert any("operation 0" in p for p in nccl_p2p_problems(shared))
+    # in order, but communicators first used in crossed orders
+    crossed = [_rank_log([("x", 0, 1, "send", *hdr), ("y", 0, 1, "recv", *hdr)], waited=[1]),
+               _rank_log([("y", 1, 0, "send", *hdr), ("x", 1, 0, "recv", *hdr)], waited=[1])]
     problems = nccl_p2p_problems(crossed)
     assert len(problems) == 1 and "cycle" in problems[0], problems
+    # in order, created in one order, but a header receive posted early and left waiting over a send
+    early = [_rank_log([("d", 0, 1, "send", *hdr), ("u", 0, 1, "recv", *hdr), ("d", 0, 1, "send", *hdr),
+                        ("u", 0, 1, "recv", *hdr), ("d", 0, 1, "send", *hdr)], waited=[1]),
+             _rank_log([("d", 1, 0, "recv", *hdr), ("u", 1, 0, "send", *hdr), ("d", 1, 0, "recv", *hdr),
+                        ("u", 1, 0, "send", *hdr), ("d", 1, 0, "recv", *hdr)], waited=[0, 2, 4])]
+    problems = nccl_p2p_problems(early)
+    assert len(problems) == 1 and "rank 0 sends (operation 4) while receive 3" in problems[0], problems
+    # one rank talking to two peers on one group
+    two = [_rank_log([("g", 0, 1, "send", *hdr)]), _rank_log([("g", 1, 0, "recv", *hdr), ("g", 1, 2, "send", *hdr)],
+                                                              waited=[0]),
+           _rank_log([("g", 2, 1, "recv", *hdr)], waited=[0])]
+    assert any("talks to ranks [0, 2]" in p for p in nccl_p2p_problems(two))
+    # groups: a gloo group over some ranks, not locally synchronised; and two orders of creation
+    gloo = [_rank_log([], groups=[([0, 1], None, False), ([0], "gloo", False)]) for _ in range(2)]
+    assert any("without use_local_synchronization" in p for p in nccl_p2p_problems(gloo))
+    local = [_rank_log([], groups=[([0, 1], None, False), ([0], "gloo", True)]) for _ in range(2)]
+    assert nccl_p2p_problems(local) == []
+    swapped = [_rank_log([], groups=[([0], None, False), ([1], None, False)]),
+               _rank_log([], groups=[([1], None, False), ([0], None, False)])]
+    assert any("2 different orders" in p for p in nccl_p2p_problems(swapped))
 
 
 def _max_diff(mine: dict, ref: dict) -> tuple[float, str]:
