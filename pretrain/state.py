@@ -81,7 +81,7 @@ class RNGState:
             return
         device = self.cuda.current_device()
         if isinstance(saved, (list, tuple)):  # checkpoints before this format: every visible device's
-            if device >= len(saved):
+            if len(saved) != self.cuda.device_count():  # another binding: which entry was this rank's?
                 self.reseed_cuda()
                 return
             saved = saved[device]

@@ -23,6 +23,9 @@ class VisibleGPUs:
     def is_available(self) -> bool:
         return True
 
+    def device_count(self) -> int:
+        return len(self.states)
+
     def current_device(self) -> int:
         return self.current
 
@@ -62,20 +65,21 @@ def test_one_gpu_per_task_resumed_by_torchrun_sets_only_its_own_device():
     assert all(torch.equal(a, b) for d, (a, b) in enumerate(zip(resumed_under.states, untouched)) if d != 5)
 
 
-@pytest.mark.parametrize("current, expect", [(0, "saved"), (2, "reseeded")])
-def test_an_older_checkpoint_with_every_visible_device(current, expect):
-    """Checkpoints of the earlier format hold a list, one state per visible device: the entry of
-    this rank's device where it has one, else CUDA's generator is reseeded (never an error)."""
-    saved_under = VisibleGPUs(2, current=0, seed=3)
-    state = RNGState(0, rank=0, train_state=TrainState(), cuda=saved_under).state_dict()
-    state["cuda"] = [saved_under.get_rng_state(d) for d in range(2)][:1]
-    resumed_under = VisibleGPUs(3, current=current)
-    RNGState(11, rank=0, train_state=TrainState(step=4), cuda=resumed_under).load_state_dict(state)
+@pytest.mark.parametrize("visible, current, expect", [(2, 1, "saved"), (3, 0, "reseeded"), (1, 0, "reseeded")])
+def test_an_older_checkpoint_with_every_visible_device(visible, current, expect):
+    """Checkpoints of the earlier format hold a list, one state per device the rank could see:
+    under the same number of visible devices, this rank's device's entry; under another binding
+    (which entry was this rank's is unknown) CUDA's generator is reseeded, never an error."""
+    saved_under = VisibleGPUs(2, current=1, seed=3)
+    state = RNGState(0, rank=1, train_state=TrainState(), cuda=saved_under).state_dict()
+    state["cuda"] = [saved_under.get_rng_state(d) for d in range(2)]
+    resumed_under = VisibleGPUs(visible, current=current)
+    RNGState(11, rank=1, train_state=TrainState(step=4), cuda=resumed_under).load_state_dict(state)
     got = resumed_under.states[current]
     if expect == "saved":
-        assert torch.equal(got, saved_under.states[0])
+        assert torch.equal(got, saved_under.states[1])
     else:
-        assert torch.equal(got, torch.tensor([(11 + 1000003 * 4) % 256, 255], dtype=torch.uint8))
+        assert torch.equal(got, torch.tensor([(11 + 1000003 * 4 + 1) % 256, 255], dtype=torch.uint8))
 
 
 def test_the_host_generators_are_restored_exactly():
