@@ -105,7 +105,7 @@ def build_pipeline_executor(cfg, info, model_cfg, ds_config: dict):
 
     from parallel.pipeline.zero3 import keep_persistent_params, one_checkpoint_part_per_stage, scope_trace_check_to
 
-    grid = PipelineGrid(cfg.parallel.pipeline_stages)
+    grid = PipelineGrid(cfg.parallel.pipeline_stages, timeout_s=cfg.train.collective_timeout_s)
     scope_trace_check_to(grid.dp_group)
     levels = split_levels(model_cfg, grid.pp, cfg.parallel.pipeline_levels)
     model = build_model(cfg, model_cfg)  # the full model on every rank, so every stage starts from the same weights

@@ -20,11 +20,14 @@ The model-parallel size the engine records in checkpoints is set back to 1 (zero
 """
 from __future__ import annotations
 
+import datetime
+
 import torch.distributed as dist
 
 
 class PipelineGrid:
-    def __init__(self, pipeline_stages: int, rank: int | None = None, world_size: int | None = None):
+    def __init__(self, pipeline_stages: int, rank: int | None = None, world_size: int | None = None,
+                 timeout_s: float | None = None):
         world = dist.get_world_size() if world_size is None else world_size
         rank = dist.get_rank() if rank is None else rank
         if world % pipeline_stages:
@@ -32,15 +35,17 @@ class PipelineGrid:
         self.pp, self.dp = pipeline_stages, world // pipeline_stages
         self.rank = rank
         self.stage, self.dp_rank = divmod(rank, self.dp)
+        # the run's collective timeout for every group (torch's default for a new NCCL group is 10 min)
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         self.is_first, self.is_last = self.stage == 0, self.stage == self.pp - 1
         # new_group is collective over the world: every rank creates every group, in one order
         self.dp_group = self.pipe_group = self.data_group = None
         for s in range(self.pp):
-            g = dist.new_group(self.stage_ranks(s))
+            g = dist.new_group(self.stage_ranks(s), timeout=timeout)
             if s == self.stage:
                 self.dp_group = g
         for d in range(self.dp):
-            g = dist.new_group(self.pipeline_ranks(d))
+            g = dist.new_group(self.pipeline_ranks(d), timeout=timeout)
             if d == self.dp_rank:
                 self.pipe_group = g
         # point-to-point: one group per neighbouring pair of stages and direction, holding the
@@ -50,7 +55,7 @@ class PipelineGrid:
         for s in range(self.pp - 1):
             members = self.stage_ranks(s) + self.stage_ranks(s + 1)
             for src, dst in ((s, s + 1), (s + 1, s)):
-                g = dist.new_group(members)
+                g = dist.new_group(members, timeout=timeout)
                 if self.stage in (src, dst):
                     self.p2p_groups[(src, dst)] = g
         # The data loader gathers documents (Python objects) over gloo, whatever the training
@@ -59,7 +64,7 @@ class PipelineGrid:
         # ranks outside a group join too, whatever its backend, but the members of a gloo group
         # never do; the other stages would wait for them. use_local_synchronization leaves the
         # ranks outside out of it (and names the group by its ranks, not by the world's count).
-        g = dist.new_group(self.stage_ranks(0), backend="gloo", use_local_synchronization=True)
+        g = dist.new_group(self.stage_ranks(0), timeout=timeout, backend="gloo", use_local_synchronization=True)
         if self.is_first:
             self.data_group = g
         self.tensor_group = None  # no tensor parallelism

@@ -48,7 +48,8 @@ def record_p2p() -> dict:
     """Records, in issue order: each isend / irecv as [group name, this rank, peer, "send" |
     "recv", numel, dtype] ("ops"; torch names a group alike on every rank, all creating groups in
     one order), each wait on a receive as [its index in ops, ops issued before the wait] ("waits"),
-    and each new_group call as [ranks or None, backend, use_local_synchronization] ("groups")."""
+    and each new_group call as [ranks or None, backend, use_local_synchronization, timeout in
+    seconds or None] ("groups")."""
     import torch.distributed as dist
 
     log: dict = {"ops": [], "waits": [], "groups": []}
@@ -74,8 +75,10 @@ def record_p2p() -> dict:
     real_new_group = dist.new_group
 
     def new_group(ranks=None, *args, **kwargs):
+        timeout = kwargs.get("timeout")
         log["groups"].append([sorted(ranks) if ranks is not None else None, kwargs.get("backend"),
-                              bool(kwargs.get("use_local_synchronization", False))])
+                              bool(kwargs.get("use_local_synchronization", False)),
+                              timeout.total_seconds() if timeout is not None else None])
         return real_new_group(ranks, *args, **kwargs)
 
     dist.isend, dist.irecv, dist.new_group = wrap(dist.isend, "send"), wrap(dist.irecv, "recv"), new_group

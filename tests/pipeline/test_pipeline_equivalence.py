@@ -39,6 +39,8 @@ def _pipe(tmp_path, config: str, pp: int, dp: int, *extra: str) -> list[dict]:
               pp * dp, REPO, log_dir=out, timeout=300)
     logs = [json.loads((out / f"rank{r}_p2p.json").read_text()) for r in range(pp * dp)]
     assert all(log["ops"] and log["groups"] for log in logs), "the recorder saw no operation or group"
+    timeouts = {g[3] for log in logs for g in log["groups"]}
+    assert timeouts == {900.0}, f"every group with train.collective_timeout_s (900 s), not torch's default: {timeouts}"
     problems = nccl_p2p_problems(logs)
     assert not problems, "point-to-point order that would hang under NCCL:\n" + "\n".join(problems[:6])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(pp * dp)]
@@ -126,12 +128,12 @@ def nccl_p2p_problems(logs: list[dict]) -> list[str]:
                                 f"posted before its message was announced, waits")
                 break
     world = len(logs)
-    orders = {tuple((tuple(r) if r else None, b) for r, b, local in log["groups"] if not local) for log in logs}
+    orders = {tuple((tuple(r) if r else None, b) for r, b, local, _ in log["groups"] if not local) for log in logs}
     if len(orders) > 1:
         problems.append(f"the ranks create their groups in {len(orders)} different orders")
     problems += [f"new_group({ranks}, backend={backend!r}) without use_local_synchronization: bound to a GPU, the "
                  f"other ranks would split the world's NCCL communicator and its members would not"
-                 for ranks, backend, local in logs[0]["groups"] if backend and ranks and len(ranks) < world and not local]
+                 for ranks, backend, local, _ in logs[0]["groups"] if backend and ranks and len(ranks) < world and not local]
     return problems
 def _rank_log(ops, waited=(), groups=()):
     """A log as record_p2p writes it; `waited`: the receives waited for right after their posting."""
@@ -168,12 +170,12 @@ def test_the_nccl_order_check_finds_each_hazard():
            _rank_log([("g", 2, 1, "recv", *hdr)], waited=[0])]
     assert any("talks to ranks [0, 2]" in p for p in nccl_p2p_problems(two))
     # groups: a gloo group over some ranks, not locally synchronised; and two orders of creation
-    gloo = [_rank_log([], groups=[([0, 1], None, False), ([0], "gloo", False)]) for _ in range(2)]
+    gloo = [_rank_log([], groups=[([0, 1], None, False, 9.0), ([0], "gloo", False, 9.0)]) for _ in range(2)]
     assert any("without use_local_synchronization" in p for p in nccl_p2p_problems(gloo))
-    local = [_rank_log([], groups=[([0, 1], None, False), ([0], "gloo", True)]) for _ in range(2)]
+    local = [_rank_log([], groups=[([0, 1], None, False, 9.0), ([0], "gloo", True, 9.0)]) for _ in range(2)]
     assert nccl_p2p_problems(local) == []
-    swapped = [_rank_log([], groups=[([0], None, False), ([1], None, False)]),
-               _rank_log([], groups=[([1], None, False), ([0], None, False)])]
+    swapped = [_rank_log([], groups=[([0], None, False, 9.0), ([1], None, False, 9.0)]),
+               _rank_log([], groups=[([1], None, False, 9.0), ([0], None, False, 9.0)])]
     assert any("2 different orders" in p for p in nccl_p2p_problems(swapped))
 
 
