@@ -16,11 +16,14 @@
 #      default 2e-2 in bf16: the fused backward's atomics and autotuning are not bitwise
 #      reproducible; 1e-5 in fp32 on CPU, where resume is exact).
 #   3. generation: pretrain.sample from the resumed run's last checkpoint, two prompts, 64 bytes.
-# Exit status: 0 when every equivalence check, both trainer runs, the resume comparison and the
-# sampling pass.
+#   4. the pipeline (where there are two GPUs, and on CPU): the config over 2 pipeline ranks, 10
+#      steps and the final evaluation, under NCCL on GPUs (the tests run it over gloo only).
+# Exit status: 0 when every equivalence check, both trainer runs, the resume comparison, the
+# sampling and (where it runs) the pipeline pass.
 # Each part is bounded (the kernel checks by KERNELS_TIMEOUT_S, 280 s; each of the three trainer
 # launches by TRAIN_TIMEOUT_S, 75 s; the sampling by SAMPLE_TIMEOUT_S, 45 s: under 570 s in all, the
-# first run on an H200 took 404 s) and gpu_check.py writes its JSON after
+# first run on an H200 took 404 s; with two GPUs or more also the pipeline, by PIPE_TIMEOUT_S, 120 s)
+# and gpu_check.py writes its JSON after
 # every part, so a part that fails or hangs costs only itself.
 # Where deepspeed, webdataset or mamba-ssm are not installed, `bash scripts/gpu_wheels.sh` here
 # fills .whl/ and the device run carries it: this script installs it into /tmp/site and loads
@@ -98,12 +101,37 @@ timeout "${SAMPLE_TIMEOUT_S:-45}" "${with_kernels[@]}" pretrain.sample "$WORK/re
     --max-bytes 64 --device "$DEVICE" --dtype "$PRECISION" --jsonl "$WORK/sample.jsonl" > "$OUT/sample.log" 2>&1
 sample_rc=$?
 echo "sampling: exit $sample_rc"; grep -e '^\[sample\]' -e Error "$OUT/sample.log" | tail -2
-"$PY" - "$OUT" "$WORK" "$STEPS" "$kernels_rc" "$straight_rc" "$resumed_rc" "$RESUME_TOL" "$sample_rc" <<'PYEOF'
-import json, os, statistics, sys
+# The pipeline over two ranks (one per GPU; NCCL takes no two ranks on one GPU), where there are
+# two GPUs or on CPU over gloo: 10 steps of the config split over 2 pipeline stages, with the final
+# evaluation, both ranks started here and ended by their pids if they outlive PIPE_TIMEOUT_S.
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+pipe_rc=skipped
+if [ "$DEVICE" = cpu ] || [ "${ngpu:-0}" -ge 2 ]; then
+    port=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+    pids=()
+    for r in 0 1; do
+        RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port "${trainer[@]}" "${common[@]}" \
+            train.steps=10 checkpoint.every=0 parallel.pipeline_stages=2 run_dir="$WORK/pipeline" \
+            > "$OUT/pipeline$r.log" 2>&1 &
+        pids+=($!)
+    done
+    alive() { for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+    for _ in $(seq "${PIPE_TIMEOUT_S:-120}"); do alive || break; sleep 1; done
+    pipe_rc=0
+    for p in "${pids[@]}"; do
+        if kill -0 "$p" 2>/dev/null; then kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null; pipe_rc=124; continue; fi
+        wait "$p"; rc=$?
+        if [ "$rc" -ne 0 ] && [ "$pipe_rc" -eq 0 ]; then pipe_rc=$rc; fi
+    done
+    echo "pipeline over 2 ranks: exit $pipe_rc ($(( $(date +%s) - t0 )) s)"; filter < "$OUT/pipeline0.log" | tail -2
+fi
+"$PY" - "$OUT" "$WORK" "$STEPS" "$kernels_rc" "$straight_rc" "$resumed_rc" "$RESUME_TOL" "$sample_rc" "$pipe_rc" "${ngpu:-0}" <<'PYEOF'
+import glob, json, os, statistics, sys
 out, work = sys.argv[1], sys.argv[2]
 steps, kernels_rc, straight_rc, resumed_rc = map(int, sys.argv[3:7])
 tol = float(sys.argv[7])
 sample_rc = int(sys.argv[8])
+pipe_rc, ngpu = sys.argv[9], int(sys.argv[10])
 def records(d):
     path = f"{work}/{d}/train_log.jsonl"
     return [r for r in map(json.loads, open(path)) if "loss" in r] if os.path.isfile(path) else []
@@ -151,9 +179,25 @@ report = {
                "stats": next((line.strip() for line in open(f"{out}/sample.log") if line.startswith("[sample] ")), None)
                if os.path.isfile(f"{out}/sample.log") else None},
 }
+if pipe_rc == "skipped":
+    report["pipeline"] = {"skipped": f"{ngpu} GPU(s): a pipeline of 2 ranks needs a GPU per rank", "ok": True}
+else:
+    p = records("pipeline")
+    report["pipeline"] = {
+        "exit_code": int(pipe_rc), "steps": len({r["step"] for r in p}),
+        "losses_finite": all(r["loss"] == r["loss"] and abs(r["loss"]) != float("inf") for r in p),
+        "loss_first_last": [p[0]["loss"], p[-1]["loss"]] if p else None,
+        # each stage saves its own shards (pipe{k}): the run was split, not data-parallel
+        "stage_checkpoints": sorted({os.path.basename(d) for d in glob.glob(f"{work}/pipeline/**/pipe[0-9]*",
+                                                                             recursive=True)}),
+        "status": summary("pipeline").get("status"),
+    }
+    report["pipeline"]["ok"] = (int(pipe_rc) == 0 and report["pipeline"]["steps"] == 10
+                                and report["pipeline"]["losses_finite"] and report["pipeline"]["status"] == "completed"
+                                and report["pipeline"]["stage_checkpoints"] == ["pipe0", "pipe1"])
 open(f"{out}/gpu_check.json", "w").write(json.dumps(report, indent=1))
 print(json.dumps(report, indent=1))
-sys.exit(0 if trainer_ok and sample_rc == 0 else 6)
+sys.exit(0 if trainer_ok and sample_rc == 0 and report["pipeline"]["ok"] else 6)
 PYEOF
 trainer_rc=$?
 echo "gpu_check: $(( $(date +%s) - t0 )) s in all; figures in $OUT/gpu_check.json"

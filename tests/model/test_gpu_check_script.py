@@ -101,13 +101,23 @@ def test_the_prepared_script_checks_itself_on_cpu_and_gates_the_resume(tmp_path)
     assert report["checks"]["conv"]["skipped"], "causal-conv1d is CUDA only: the reason is reported"
     assert report["sample"]["exit_code"] == 0 and report["sample"]["bytes_generated"], report["sample"]
     assert all(0 < n <= 64 for n in report["sample"]["bytes_generated"]), "generated from the resumed run"
+    # the pipeline over 2 CPU ranks (on GPUs it needs two of them)
+    assert report["pipeline"]["ok"] and report["pipeline"]["steps"] == 10, report["pipeline"]
+    assert report["pipeline"]["stage_checkpoints"] == ["pipe0", "pipe1"], "split over the ranks, not data-parallel"
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "kernels.json", "kernels.log", "killed.log",
-                                                     "resumed.log", "sample.log", "straight.log"]
+                                                     "pipeline0.log", "pipeline1.log", "resumed.log", "sample.log",
+                                                     "straight.log"]
     # a resume that does not match fails the check: a tolerance no run can meet
-    res = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env={**env, "RESUME_TOL": "-1"},
+    # (and a pipeline that outlives its time is ended by its pids and fails the check)
+    res = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env={**env, "RESUME_TOL": "-1",
+                                                                         "PIPE_TIMEOUT_S": "2"},
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 6, res.stdout[-3000:]
-    assert json.loads((out / "gpu_check.json").read_text())["trainer"]["ok"] is False
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["trainer"]["ok"] is False
+    assert report["pipeline"]["exit_code"] == 124 and report["pipeline"]["ok"] is False, report["pipeline"]
+    left = subprocess.run(["pgrep", "-f", f"run_dir={work}/pipeline"], capture_output=True, text=True).stdout
+    assert not left.strip(), f"pipeline ranks left running: {left}"
 
 
 def test_smallest_tiles_limits_every_autotuned_ssd_kernel_and_gives_the_lists_back():
