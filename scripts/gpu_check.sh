@@ -22,8 +22,8 @@
 # sampling and (where it runs) the pipeline pass.
 # Each part is bounded (the kernel checks by KERNELS_TIMEOUT_S, 280 s; each of the three trainer
 # launches by TRAIN_TIMEOUT_S, 75 s; the sampling by SAMPLE_TIMEOUT_S, 45 s: under 570 s in all, the
-# first run on an H200 took 404 s; with two GPUs or more also the pipeline, by PIPE_TIMEOUT_S, 120 s)
-# and gpu_check.py writes its JSON after
+# first run on an H200 took 404 s; with two GPUs or more also the pipeline, by PIPE_TIMEOUT_S, 120 s,
+# run only while that much of TOTAL_BUDGET_S, 570 s, is left) and gpu_check.py writes its JSON after
 # every part, so a part that fails or hangs costs only itself.
 # Where deepspeed, webdataset or mamba-ssm are not installed, `bash scripts/gpu_wheels.sh` here
 # fills .whl/ and the device run carries it: this script installs it into /tmp/site and loads
@@ -104,9 +104,16 @@ echo "sampling: exit $sample_rc"; grep -e '^\[sample\]' -e Error "$OUT/sample.lo
 # The pipeline over two ranks (one per GPU; NCCL takes no two ranks on one GPU), where there are
 # two GPUs or on CPU over gloo: 10 steps of the config split over 2 pipeline stages, with the final
 # evaluation, both ranks started here and ended by their pids if they outlive PIPE_TIMEOUT_S.
-ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-pipe_rc=skipped
-if [ "$DEVICE" = cpu ] || [ "${ngpu:-0}" -ge 2 ]; then
+# the GPUs this process can use (nvidia-smi lists the node's, whatever CUDA_VISIBLE_DEVICES says)
+ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+pipe_timeout=${PIPE_TIMEOUT_S:-120}
+pipe_rc=skipped pipe_codes=""
+left=$(( ${TOTAL_BUDGET_S:-570} - ($(date +%s) - t0) ))
+if [ "$DEVICE" != cpu ] && [ "${ngpu:-0}" -lt 2 ]; then
+    pipe_why="${ngpu:-0} GPU(s) visible: a pipeline of 2 ranks needs a GPU per rank"
+elif [ "$left" -lt "$pipe_timeout" ]; then
+    pipe_why="not run: $left s left of the ${TOTAL_BUDGET_S:-570} s budget, the pipeline may take $pipe_timeout s"
+else
     port=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
     pids=()
     for r in 0 1; do
@@ -115,23 +122,40 @@ if [ "$DEVICE" = cpu ] || [ "${ngpu:-0}" -ge 2 ]; then
             > "$OUT/pipeline$r.log" 2>&1 &
         pids+=($!)
     done
-    alive() { for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
-    for _ in $(seq "${PIPE_TIMEOUT_S:-120}"); do alive || break; sleep 1; done
-    pipe_rc=0
-    for p in "${pids[@]}"; do
-        if kill -0 "$p" 2>/dev/null; then kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null; pipe_rc=124; continue; fi
-        wait "$p"; rc=$?
-        if [ "$rc" -ne 0 ] && [ "$pipe_rc" -eq 0 ]; then pipe_rc=$rc; fi
+    # each rank's exit status as it ends; a rank that fails ends the wait (its peer would wait for
+    # it in a collective until the timeout), and the ranks still running then are ended by pid
+    codes=(running running)
+    for _ in $(seq "$pipe_timeout"); do
+        failed=0 running=0
+        for i in 0 1; do
+            if [ "${codes[$i]}" = running ] && ! kill -0 "${pids[$i]}" 2>/dev/null; then
+                wait "${pids[$i]}"; codes[$i]=$?
+            fi
+            [ "${codes[$i]}" = running ] && running=1
+            [ "${codes[$i]}" != running ] && [ "${codes[$i]}" != 0 ] && failed=1
+        done
+        [ $running = 0 ] || [ $failed = 1 ] && break
+        sleep 1
     done
-    echo "pipeline over 2 ranks: exit $pipe_rc ($(( $(date +%s) - t0 )) s)"; filter < "$OUT/pipeline0.log" | tail -2
+    for i in 0 1; do
+        if [ "${codes[$i]}" = running ]; then kill -9 "${pids[$i]}" 2>/dev/null; wait "${pids[$i]}" 2>/dev/null; codes[$i]=killed; fi
+    done
+    pipe_codes="${codes[0]},${codes[1]}"
+    # the first real failure, else 124 for ranks ended here, else 0
+    pipe_rc=0
+    for c in "${codes[@]}"; do if [ "$c" != killed ] && [ "$c" != 0 ]; then pipe_rc=$c; break; fi; done
+    if [ "$pipe_rc" = 0 ] && [[ $pipe_codes == *killed* ]]; then pipe_rc=124; fi
+    echo "pipeline over 2 ranks: exit $pipe_rc (ranks $pipe_codes; $(( $(date +%s) - t0 )) s)"
+    filter < "$OUT/pipeline0.log" | tail -2
 fi
-"$PY" - "$OUT" "$WORK" "$STEPS" "$kernels_rc" "$straight_rc" "$resumed_rc" "$RESUME_TOL" "$sample_rc" "$pipe_rc" "${ngpu:-0}" <<'PYEOF'
+"$PY" - "$OUT" "$WORK" "$STEPS" "$kernels_rc" "$straight_rc" "$resumed_rc" "$RESUME_TOL" "$sample_rc" "$pipe_rc" \
+    "$pipe_codes" "${pipe_why:-}" <<'PYEOF'
 import glob, json, os, statistics, sys
 out, work = sys.argv[1], sys.argv[2]
 steps, kernels_rc, straight_rc, resumed_rc = map(int, sys.argv[3:7])
 tol = float(sys.argv[7])
 sample_rc = int(sys.argv[8])
-pipe_rc, ngpu = sys.argv[9], int(sys.argv[10])
+pipe_rc, pipe_codes, pipe_why = sys.argv[9], sys.argv[10], sys.argv[11]
 def records(d):
     path = f"{work}/{d}/train_log.jsonl"
     return [r for r in map(json.loads, open(path)) if "loss" in r] if os.path.isfile(path) else []
@@ -180,11 +204,11 @@ report = {
                if os.path.isfile(f"{out}/sample.log") else None},
 }
 if pipe_rc == "skipped":
-    report["pipeline"] = {"skipped": f"{ngpu} GPU(s): a pipeline of 2 ranks needs a GPU per rank", "ok": True}
+    report["pipeline"] = {"skipped": pipe_why, "ok": True}
 else:
     p = records("pipeline")
     report["pipeline"] = {
-        "exit_code": int(pipe_rc), "steps": len({r["step"] for r in p}),
+        "exit_code": int(pipe_rc), "rank_exit": pipe_codes.split(","), "steps": len({r["step"] for r in p}),
         "losses_finite": all(r["loss"] == r["loss"] and abs(r["loss"]) != float("inf") for r in p),
         "loss_first_last": [p[0]["loss"], p[-1]["loss"]] if p else None,
         # each stage saves its own shards (pipe{k}): the run was split, not data-parallel

@@ -89,7 +89,7 @@ class PipelineStep(EngineExecutor):
         self.schedule, self.in_flight = schedule, micro_batches_in_flight
         self.first_level = stage_module.first_level
         self._orders: dict = {}
-        self.rank = grid.rank_of(self.me)
+        self.rank = grid.rank
         connect(self.rank, [grid.rank_of(nb) for nb in (self.me - 1, self.me + 1) if 0 <= nb < self.p],
                 grid.p2p_group, self.device)
 
@@ -154,6 +154,7 @@ class PipelineStep(EngineExecutor):
             if i == last_backward:
                 self.engine.set_gradient_accumulation_boundary(True)
             getattr(run, f"{op.kind}_{op.piece}")(op.mb)
+        run.check_all_taken()
         run.outbox.wait_all()
         step_s = time.perf_counter() - t0
         if self.before_step is not None:
@@ -187,6 +188,7 @@ class PipelineStep(EngineExecutor):
                                                                                                        "act_up")))
         for op in orders[self.me]:
             getattr(run, f"F_{op.piece}")(op.mb)
+        run.check_all_taken()
         run.outbox.wait_all()
         return run.outputs
 
@@ -230,6 +232,15 @@ class _StepRun:
         self.outputs: list = []
 
     # ---------------------------------------------------------------- plumbing
+    def check_all_taken(self) -> None:
+        """Every message a neighbour sent this step was received: one left on its stream would
+        hold that neighbour's sends (p2p.py), so a schedule and its pieces that disagree fail here."""
+        for src, box in self.mailboxes.items():
+            if not box.done():
+                left = box.expected[box.next:] + list(box.arrived)
+                raise RuntimeError(f"pipeline rank {self.ex.me}: messages from stage {src} not taken this step: "
+                                   f"{left[:4]}")
+
     def recv(self, src: int, kind: str, i: int) -> list[torch.Tensor]:
         return self.mailboxes[src].get(Message(src, self.ex.me, kind, i))
 

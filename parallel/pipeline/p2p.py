@@ -19,7 +19,11 @@ What NCCL asks of this, and gloo (the CPU tests' backend) does not:
   anything that synchronises the whole device meanwhile (cudaFree when the caching allocator
   gives memory back under pressure) waits for it, while its send may wait for this rank. A
   header is therefore received only when the host blocks on it anyway; the payload receives
-  after it match sends the peer issued with that header.
+  after it match sends the peer issued with that header. Sends are posted early and wait on the
+  GPU for their receives as well (a large payload does not fit NCCL's buffers): that they end
+  rests on every receiver taking its messages in send order within the step (`Mailbox.done` is
+  checked at the step's end), and on nothing synchronising the whole device while a rank waits
+  for its neighbour's data, which only a run on GPUs can confirm.
 - Creation. A communicator made at its first use blocks both hosts until each has used it, so
   `connect` makes them all at the start, neighbour pair by neighbour pair down the pipeline,
   before a step can wait on one. (Bound to a device, `new_group` already made them.)
@@ -60,14 +64,15 @@ def decode_header(header: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ..
 
 
 def connect(me: int, neighbours: list[int], group_of, device) -> None:
-    """Creates this rank's point-to-point communicators before any step: for each neighbour, upper
-    one first, one int64 (the sender's rank) each way on the pair's two groups, in an order every
-    rank of the pipeline agrees on (the pair's upper rank sends first), so the blocking creations
-    form a chain down the pipeline instead of waiting on each other. The received ranks are
-    checked: a grid that pairs the wrong ranks fails here, naming them."""
+    """Creates this rank's point-to-point communicators before any step: for each neighbour, the
+    one of the earlier stage first (stages hold ascending ranks), one int64 (the sender's rank)
+    each way on the pair's two groups, the earlier stage sending first, an order every rank of the
+    pipeline agrees on, so the blocking creations form a chain down the pipeline instead of
+    waiting on each other. The received ranks are checked: a grid that pairs the wrong ranks
+    fails here, naming them."""
     for nb in sorted(neighbours):
-        upper, lower = min(me, nb), max(me, nb)
-        for src, dst in ((upper, lower), (lower, upper)):
+        earlier, later = min(me, nb), max(me, nb)
+        for src, dst in ((earlier, later), (later, earlier)):
             group = group_of(src, dst)
             buf = torch.tensor([me if src == me else -1], dtype=torch.int64, device=device)
             if src == me:

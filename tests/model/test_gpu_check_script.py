@@ -103,6 +103,7 @@ def test_the_prepared_script_checks_itself_on_cpu_and_gates_the_resume(tmp_path)
     assert all(0 < n <= 64 for n in report["sample"]["bytes_generated"]), "generated from the resumed run"
     # the pipeline over 2 CPU ranks (on GPUs it needs two of them)
     assert report["pipeline"]["ok"] and report["pipeline"]["steps"] == 10, report["pipeline"]
+    assert report["pipeline"]["rank_exit"] == ["0", "0"], report["pipeline"]
     assert report["pipeline"]["stage_checkpoints"] == ["pipe0", "pipe1"], "split over the ranks, not data-parallel"
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "kernels.json", "kernels.log", "killed.log",
                                                      "pipeline0.log", "pipeline1.log", "resumed.log", "sample.log",
@@ -116,6 +117,7 @@ def test_the_prepared_script_checks_itself_on_cpu_and_gates_the_resume(tmp_path)
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["trainer"]["ok"] is False
     assert report["pipeline"]["exit_code"] == 124 and report["pipeline"]["ok"] is False, report["pipeline"]
+    assert report["pipeline"]["rank_exit"] == ["killed", "killed"], report["pipeline"]
     left = subprocess.run(["pgrep", "-f", f"run_dir={work}/pipeline"], capture_output=True, text=True).stdout
     assert not left.strip(), f"pipeline ranks left running: {left}"
 

@@ -48,28 +48,43 @@ def record_p2p() -> dict:
     """Records, in issue order: each isend / irecv as [group name, this rank, peer, "send" |
     "recv", numel, dtype] ("ops"; torch names a group alike on every rank, all creating groups in
     one order), each wait on a receive as [its index in ops, ops issued before the wait] ("waits"),
-    and each new_group call as [ranks or None, backend, use_local_synchronization, timeout in
-    seconds or None] ("groups")."""
+    the receives of payloads a header received before had announced ("announced": the header's
+    tensor count, read once it is in, says how many of the peer's next receives they are), and
+    each new_group call as [ranks or None, backend, use_local_synchronization, timeout in seconds
+    or None] ("groups")."""
     import torch.distributed as dist
 
-    log: dict = {"ops": [], "waits": [], "groups": []}
+    from parallel.pipeline.p2p import HEADER_LEN
+
+    log: dict = {"ops": [], "waits": [], "announced": [], "groups": []}
     me = dist.get_rank()
+    due: dict = {}  # (group, peer) -> payload receives its last header announced, not yet posted
 
     class Waited:
-        def __init__(self, work, index):
-            self.work, self.index = work, index
+        def __init__(self, work, index, tensor, channel):
+            self.work, self.index, self.tensor, self.channel = work, index, tensor, channel
 
         def wait(self, *args, **kwargs):
             log["waits"].append([self.index, len(log["ops"])])
-            return self.work.wait(*args, **kwargs)
+            out = self.work.wait(*args, **kwargs)
+            if self.index not in log["announced"] and self.tensor.numel() == HEADER_LEN \
+                    and self.tensor.dtype == torch.int64:
+                due[self.channel] = int(self.tensor[0])
+            return out
 
     def wrap(real, kind):
         def issue(tensor, *args, group=None, **kwargs):
             peer = kwargs.get("dst", kwargs.get("src", args[0] if args else None))
             name = (group or dist.group.WORLD).group_name
             log["ops"].append([name, me, peer, kind, tensor.numel(), str(tensor.dtype)])
+            index = len(log["ops"]) - 1
             work = real(tensor, *args, group=group, **kwargs)
-            return Waited(work, len(log["ops"]) - 1) if kind == "recv" else work
+            if kind == "send":
+                return work
+            if due.get((name, peer), 0) > 0:
+                due[(name, peer)] -= 1
+                log["announced"].append(index)
+            return Waited(work, index, tensor, (name, peer))
         return issue
 
     real_new_group = dist.new_group

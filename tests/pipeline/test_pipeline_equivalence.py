@@ -58,10 +58,9 @@ def nccl_p2p_problems(logs: list[dict]) -> list[str]:
     - Creation. A communicator made at its first use blocks the host until the peer uses it too:
       the order in which the ranks first use their communicators must leave no cycle.
     - No receive left waiting. When a rank sends, each receive it has not waited for yet must be
-      a payload of a message whose header it already received (its send was issued with that
-      header): posted right after a waited receive from the same peer on the same group, with
-      only receives from there in between. Any other receive would spin on the GPU until a send
-      that may wait for this rank, and whatever synchronises the device meanwhile hangs.
+      a payload a header it already received announced (the peer issued its send with that
+      header). Any other receive would spin on the GPU until a send that may wait for this
+      rank, and whatever synchronises the device meanwhile hangs.
     - Groups. Bound to a device, every new group is split from the world's NCCL communicator, a
       collective the ranks outside it join too, whatever its backend, while members of a gloo
       group do not: a group with a backend of its own over some ranks must be created with
@@ -108,21 +107,16 @@ def nccl_p2p_problems(logs: list[dict]) -> list[str]:
     if any(cyclic(k) for k in sorted(before)):
         problems.append(f"the ranks first use their communicators in orders with a cycle: {first_use}")
     for log in logs:  # receives left waiting
-        ops = log["ops"]
+        ops, announced = log["ops"], set(log["announced"])
+        waited: set = set()
         waits_before: dict = {}  # op index -> the receives waited for just before it was issued
         for j, at in log["waits"]:
             waits_before.setdefault(at, []).append(j)
-        payload, waited, burst = {}, set(), None
         for i, (group, me, peer, kind, _, _) in enumerate(ops):
-            for j in waits_before.get(i, []):
-                waited.add(j)
-                burst = (ops[j][0], ops[j][2])
-            if kind == "recv":
-                payload[i] = burst == (group, peer)
-                burst = burst if payload[i] else None
+            waited.update(waits_before.get(i, []))
+            if kind != "send":
                 continue
-            burst = None
-            early = [j for j in payload if j not in waited and not payload[j]]
+            early = [j for j in range(i) if ops[j][3] == "recv" and j not in waited and j not in announced]
             if early:
                 problems.append(f"rank {me} sends (operation {i}) while receive {early[0]} {ops[early[0]]}, "
                                 f"posted before its message was announced, waits")
@@ -135,19 +129,28 @@ def nccl_p2p_problems(logs: list[dict]) -> list[str]:
                  f"other ranks would split the world's NCCL communicator and its members would not"
                  for ranks, backend, local, _ in logs[0]["groups"] if backend and ranks and len(ranks) < world and not local]
     return problems
-def _rank_log(ops, waited=(), groups=()):
+
+
+def _rank_log(ops, waited=(), groups=(), announced=()):
     """A log as record_p2p writes it; `waited`: the receives waited for right after their posting."""
-    return {"ops": [list(op) for op in ops], "waits": [[j, j + 1] for j in waited], "groups": [list(g) for g in groups]}
+    return {"ops": [list(op) for op in ops], "waits": [[j, j + 1] for j in waited], "groups": [list(g) for g in groups],
+            "announced": list(announced)}
 
 
 def test_the_nccl_order_check_finds_each_hazard():
     """The check itself, on hand-written logs: each hazard alone, and a clean exchange."""
     hdr, act = (61, "torch.int64"), (8, "torch.float32")
     clean = [_rank_log([("d", 0, 1, "send", *hdr), ("d", 0, 1, "send", *act), ("u", 0, 1, "recv", *hdr),
-                        ("u", 0, 1, "recv", *act)], waited=[2, 3]),
+                        ("u", 0, 1, "recv", *act)], waited=[2, 3], announced=[3]),
              _rank_log([("d", 1, 0, "recv", *hdr), ("d", 1, 0, "recv", *act), ("u", 1, 0, "send", *hdr),
-                        ("u", 1, 0, "send", *act)], waited=[0, 1])]
+                        ("u", 1, 0, "send", *act)], waited=[0], announced=[1])]
     assert nccl_p2p_problems(clean) == []
+    # the next header posted right after a message's payloads (before this rank's next send)
+    ahead = [_rank_log([("d", 0, 1, "send", *hdr), ("d", 0, 1, "send", *act), ("d", 0, 1, "send", *hdr)]),
+             _rank_log([("d", 1, 0, "recv", *hdr), ("d", 1, 0, "recv", *act), ("d", 1, 0, "recv", *hdr),
+                        ("u", 1, 0, "send", *hdr)], waited=[0], announced=[1])]
+    problems = nccl_p2p_problems(ahead)
+    assert any("rank 1 sends (operation 3) while receive 2" in p for p in problems), problems
     # both post a receive first on one shared group (the defect fixed in cca66f9)
     shared = [_rank_log([("g", 0, 1, "recv", *hdr), ("g", 0, 1, "send", *hdr)], waited=[0]),
               _rank_log([("g", 1, 0, "recv", *hdr), ("g", 1, 0, "send", *hdr)], waited=[0])]

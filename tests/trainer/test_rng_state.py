@@ -50,7 +50,6 @@ def test_a_rank_saves_its_own_device_and_resumes_under_one_gpu_per_task():
     state = RNGState(0, rank=3, train_state=TrainState(), cuda=saved_under).state_dict()
     assert torch.equal(state["cuda"], saved_under.states[3]), "this rank's device, and only it"
     resumed_under = VisibleGPUs(1, current=0)
-    random.random()
     RNGState(0, rank=3, train_state=TrainState(), cuda=resumed_under).load_state_dict(state)
     assert torch.equal(resumed_under.states[0], saved_under.states[3])
 
