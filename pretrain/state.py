@@ -87,11 +87,14 @@ class RNGState:
             saved = saved[device]
         self.cuda.set_rng_state(saved, device)
 
+    def _fallback_seed(self) -> int:
+        return self.seed + 1000003 * self.train_state.step + self.rank
+
     def reseed(self) -> None:
-        seed_everything(self.seed + 1000003 * self.train_state.step + self.rank)
+        seed_everything(self._fallback_seed())
 
     def reseed_cuda(self) -> None:
-        self.cuda.manual_seed(self.seed + 1000003 * self.train_state.step + self.rank)
+        self.cuda.manual_seed(self._fallback_seed())
 
 
 class PerRank:

@@ -105,12 +105,14 @@ echo "sampling: exit $sample_rc"; grep -e '^\[sample\]' -e Error "$OUT/sample.lo
 # two GPUs or on CPU over gloo: 10 steps of the config split over 2 pipeline stages, with the final
 # evaluation, both ranks started here and ended by their pids if they outlive PIPE_TIMEOUT_S.
 # the GPUs this process can use (nvidia-smi lists the node's, whatever CUDA_VISIBLE_DEVICES says)
-ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+ngpu=0
+[ "$DEVICE" != cpu ] && ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null | tail -1)
+case $ngpu in ''|*[!0-9]*) ngpu=0 ;; esac
 pipe_timeout=${PIPE_TIMEOUT_S:-120}
 pipe_rc=skipped pipe_codes=""
 left=$(( ${TOTAL_BUDGET_S:-570} - ($(date +%s) - t0) ))
-if [ "$DEVICE" != cpu ] && [ "${ngpu:-0}" -lt 2 ]; then
-    pipe_why="${ngpu:-0} GPU(s) visible: a pipeline of 2 ranks needs a GPU per rank"
+if [ "$DEVICE" != cpu ] && [ "$ngpu" -lt 2 ]; then
+    pipe_why="$ngpu GPU(s) visible: a pipeline of 2 ranks needs a GPU per rank"
 elif [ "$left" -lt "$pipe_timeout" ]; then
     pipe_why="not run: $left s left of the ${TOTAL_BUDGET_S:-570} s budget, the pipeline may take $pipe_timeout s"
 else

@@ -6,8 +6,8 @@ global norm decides every update:
 - `--mode plain`: plain PyTorch in one process, the reference;
 - `--mode pipe --pp P` with WORLD_SIZE = P x DP: the hierarchy over P pipeline ranks, DP
   replicas per stage; replica d's first stage takes micro-batches d, d + DP, ...
-`--p2p-log` also records every point-to-point send and receive the rank issues (its process
-group, peer, size and dtype, in issue order), from the executor's start to the end of one
+`--p2p-log` also records the point-to-point sends, receives and waits the rank issues and the
+process groups it creates (`record_p2p`), from the executor's start to the end of one
 forward-only evaluation step after the training steps, into rank{r}_p2p.json: the input of the
 NCCL ordering check in test_pipeline_equivalence.py.
 Each writes, per step, the global loss, ratio loss, gradient norm and (before the optimizer
